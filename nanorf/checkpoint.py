@@ -1,0 +1,89 @@
+"""Checkpoints: weights, EMA, optimiser, codebook, config and step, written atomically.
+
+A checkpoint is one `torch.save`d dict that loads on CPU:
+    {"format": 1, "config": Config.to_dict(), "step": int,
+     "model": ..., "ema": ..., "optimizer": ..., "targets": ... (EMA encoder + codebook, or None),
+     "rng": torch CPU RNG state}
+Training draws every random number from (seed, step) (see train.py), so the step is
+all the data/RNG state a resume needs; the global RNG state is stored anyway.
+It is written to a temporary file in the same folder and renamed into place, so a
+crash mid-write never leaves a truncated checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import Config
+
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A missing, unreadable or mismatched checkpoint."""
+
+
+def save_checkpoint(path, cfg: Config, step: int, model, ema_model, optimizer, targets=None):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT, "config": cfg.to_dict(), "step": step,
+             "model": model.state_dict(), "ema": ema_model.state_dict(),
+             "optimizer": optimizer.state_dict(),
+             "targets": None if targets is None else targets.state_dict(),
+             "rng": torch.get_rng_state()}
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + "-tmp-", suffix=".pt", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _diff(a, b, prefix=""):
+    """Paths of the fields where two nested config dicts disagree."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb and not (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)) and list(va) == list(vb)):
+            out.append(f"{prefix}{k} ({vb!r} in the checkpoint, {va!r} asked for)")
+    return out
+
+
+def load_checkpoint(path, expect: Config | None = None) -> dict:
+    """Load a checkpoint on CPU. With `expect`, its model config must match exactly
+    (the training fields may differ, e.g. a longer max_steps on resume)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT or "config" not in ck:
+        raise CheckpointError(f"{path} is not a nanorf checkpoint (format {FORMAT})")
+    if expect is not None:
+        diffs = _diff(expect.to_dict()["model"], ck["config"]["model"], "model.")
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} was trained with another model config: " + "; ".join(diffs[:3]))
+    return ck
+
+
+def load_model(path, device="cpu", ema: bool = True):
+    """(RFModel with the EMA weights (or the raw ones), Config, step) for sampling."""
+    from .model import RFModel
+    ck = load_checkpoint(path)
+    cfg = Config.from_dict(ck["config"])
+    model = RFModel(cfg.model)
+    try:
+        model.load_state_dict(ck["ema" if ema else "model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not match its own config: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), cfg, ck["step"]

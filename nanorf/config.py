@@ -1,0 +1,237 @@
+"""Configuration dataclasses and named presets.
+
+Every knob of the method lives here, grouped the way the paper groups them:
+the image encoder (DINOv3-style ViT, PAPER §2), the online VQ that makes the
+representation targets (PAPER §3, Algorithm 1), the MoT transformer (PAPER §1.1),
+flow matching and sampling (PAPER §4-5), and the training recipe (PAPER §6).
+
+Presets:
+  toy        the CPU smoke test on the 32x32 shapes world (minutes on 2 cores)
+  small      a single-GPU run on the 64x64 shapes world or a small image folder
+  paper256   the paper's ablation shapes: 256 px, patch 16, 2x2 pooling, K=16,384
+  paper1024  the paper's main-result shapes: 1024 px (1,024 rep tokens, 4,096 pixel patches)
+The paper presets instantiate at the right token counts; their widths are
+placeholders (the paper inherits Qwen3-30B-A3B and DINOv3-H+, which we do not ship).
+
+A checkpoint stores `asdict(config)`; `Config.from_dict` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+
+
+@dataclass
+class ViTConfig:
+    """DINOv3-style ViT encoder (PAPER §2; DINOv3 vision_transformer.py naming)."""
+    patch_size: int = 16
+    dim: int = 384
+    depth: int = 12
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    n_storage_tokens: int = 4      # DINOv3 "registers"
+    layerscale_init: float = 1e-5  # DINOv3 default; the toy uses a larger value to learn fast from scratch
+    rope_base: float = 100.0       # DINOv3's RoPE base period
+
+
+@dataclass
+class VQConfig:
+    """Online cosine VQ on EMA-encoder features (PAPER §3, Algorithm 1)."""
+    codebook_size: int = 16384     # K
+    tau: float = 0.5               # temperature of the code softmax
+    momentum: float = 0.9999       # prototype momentum m
+    pool: int = 2                  # p x p average pooling of encoder patch features
+    encoder_ema: float = 0.9999    # decay of the target encoder's EMA (paper: not stated; 0.9999 inferred)
+
+
+@dataclass
+class MoTConfig:
+    """Mixture-of-Transformers decoder (PAPER §1.1, BAGEL)."""
+    dim: int = 512
+    depth: int = 8
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    shared_attention: bool = True  # paper: attention shared by all tokens; False = BAGEL's per-modality q/k/v/o + norms
+    rope_base: float = 10000.0
+    max_seq_len: int = 4096
+
+
+@dataclass
+class FlowConfig:
+    """x-prediction flow matching (JiT convention, t=1 clean) and the sampler (PAPER §4-5)."""
+    p_mean: float = -0.8           # logit-normal time sampling (JiT default; paper silent)
+    p_std: float = 0.8
+    t_eps: float = 0.05            # clamp on (1 - t) in v = (x - z)/(1 - t)
+    noise_scale: float = 1.0       # std of the Gaussian noise (JiT: 1 at 256 px, 2 at 512 px)
+    steps: int = 25                # ODE steps at inference (paper: 25)
+    solver: str = "euler"          # "euler" or "heun"
+    shift: float = 0.0             # SD3 timestep shift at inference; 0 = derive from resolution
+    cfg_pix: float = 3.0           # pixel guidance w_pix (paper: 3.0)
+    cfg_rep: float = 2.0           # rep-token logit guidance w_rep (paper: 2.0)
+    cfg_interval: tuple = (0.0, 1.0)  # apply pixel CFG only for t in this interval
+    top_k: int = 0                 # rep-token top-k (0 = full distribution); paper: top-k, k not stated
+    temperature: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """The unified model: sequence layout, embeddings and heads (PAPER §1)."""
+    image_size: int = 256          # square canvas side in pixels
+    patch_size: int = 16           # pixel patch side for generation (paper: 16)
+    max_text_len: int = 128        # bytes of prompt / question / answer the sequence can hold
+    rf: bool = True                # False = pixel-only baseline (no representation tokens)
+    p_drop_text: float = 0.1       # CFG: drop the prompt
+    p_drop_rep: float = 0.1        # CFG: hide the rep sequence from the pixel block
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
+    mot: MoTConfig = field(default_factory=MoTConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+    @property
+    def grid(self) -> int:
+        """Pixel patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def rep_grid(self) -> int:
+        """Representation tokens per side: encoder patches per side / pool."""
+        return self.image_size // self.vit.patch_size // self.vq.pool
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe (PAPER §6) scaled to the preset."""
+    batch_size: int = 64           # global generation examples per step (all ranks, all micro-steps)
+    und_batch_size: int = 32       # global understanding examples per step
+    micro_batch_size: int = 0      # per-rank per-micro-step generation examples; 0 = no accumulation
+    lr: float = 5e-5
+    new_param_lr_mult: float = 4.0  # paper: x4 LR on newly initialised generation parameters
+    warmup_steps: int = 500
+    max_steps: int = 50000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999      # model EMA used for sampling
+    log_every: int = 10
+    ckpt_every: int = 1000
+    sample_every: int = 0          # 0 = only at the end
+    eval_prompts: int = 64         # held-out prompts scored at the end
+    seed: int = 0
+    compile: bool = False
+    data: str = ""                 # "" = the shapes world; else an image-caption folder
+    num_workers: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls, d):
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        ft = f.type if not isinstance(f.type, str) else eval(f.type, globals())
+        if is_dataclass(ft) and isinstance(v, dict):
+            v = _from_dict(ft, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def _toy() -> Config:
+    return Config(
+        name="toy",
+        model=ModelConfig(
+            image_size=32, patch_size=4, max_text_len=80,
+            vit=ViTConfig(patch_size=4, dim=96, depth=3, heads=3, layerscale_init=0.1),
+            vq=VQConfig(codebook_size=64, momentum=0.99, encoder_ema=0.99),
+            mot=MoTConfig(dim=128, depth=4, heads=4, max_seq_len=256),
+            flow=FlowConfig(steps=25, top_k=0, temperature=1.0),
+        ),
+        train=TrainConfig(batch_size=64, und_batch_size=32, lr=1e-3, new_param_lr_mult=1.0,
+                          warmup_steps=100, max_steps=1500, ema_decay=0.995,
+                          log_every=10, ckpt_every=500, eval_prompts=64),
+    )
+
+
+def _small() -> Config:
+    return Config(
+        name="small",
+        model=ModelConfig(
+            image_size=64, patch_size=8, max_text_len=96,
+            vit=ViTConfig(patch_size=8, dim=256, depth=6, heads=4, layerscale_init=0.1),
+            vq=VQConfig(codebook_size=512, momentum=0.999, encoder_ema=0.999),
+            mot=MoTConfig(dim=384, depth=8, heads=6, max_seq_len=512),
+        ),
+        train=TrainConfig(batch_size=128, und_batch_size=64, lr=5e-4, new_param_lr_mult=1.0,
+                          warmup_steps=500, max_steps=20000, ema_decay=0.999, ckpt_every=2000),
+    )
+
+
+def _paper(image_size: int) -> Config:
+    # Token counts are the paper's; widths are a ViT-S encoder and a ~0.5B-wide decoder
+    # standing in for DINOv3-H+ and Qwen3-30B-A3B.
+    return Config(
+        name=f"paper{image_size}",
+        model=ModelConfig(
+            image_size=image_size, patch_size=16, max_text_len=256,
+            vit=ViTConfig(patch_size=16, dim=384, depth=12, heads=6),
+            vq=VQConfig(codebook_size=16384, tau=0.5, momentum=0.9999, pool=2),
+            mot=MoTConfig(dim=1024, depth=24, heads=16, max_seq_len=8192),
+        ),
+        train=TrainConfig(batch_size=256, und_batch_size=128, lr=5e-5 if image_size <= 256 else 2.5e-5,
+                          warmup_steps=1000, max_steps=50000 if image_size <= 256 else 20000),
+    )
+
+
+PRESETS = {
+    "toy": _toy,
+    "small": _small,
+    "paper256": lambda: _paper(256),
+    "paper1024": lambda: _paper(1024),
+}
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply "section.field=value" strings in place, e.g. "model.mot.dim=256" or
+    "train.lr=3e-4"; the value is parsed as the field's current type."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        obj, *path = [cfg] + key.strip().split(".")
+        for name in path[:-1]:
+            obj = getattr(obj, name, None)
+        if not sep or obj is None or not path or not hasattr(obj, path[-1]) or is_dataclass(getattr(obj, path[-1])):
+            raise ValueError(f"bad override {item!r}: expected KEY=VALUE with KEY a config field like model.mot.dim")
+        cur = getattr(obj, path[-1])
+        if isinstance(cur, bool):
+            val = raw.lower() in ("1", "true", "yes", "on")
+        elif isinstance(cur, tuple):
+            val = tuple(type(c)(v) for c, v in zip(cur, raw.split(",")))
+        else:
+            try:
+                val = type(cur)(raw)
+            except ValueError:
+                raise ValueError(f"bad override {item!r}: {raw!r} is not a {type(cur).__name__}") from None
+        setattr(obj, path[-1], val)
+    return cfg
+
+
+def get_config(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name]())

@@ -1,0 +1,188 @@
+"""Mixture-of-Transformers decoder: shared self-attention, FFN experts routed by token type.
+
+PAPER §1.1: "all tokens share self-attention layers but are routed to one of three
+modality-specific feed-forward expert pools — understanding, representation
+prediction, and pixel generation." Routing is hard, by token type:
+
+    UND = 0  text, ViT tokens, [BOS] [EOS] [BOI] [EOI]
+    REP = 1  representation tokens and [BOR]
+    PIX = 2  pixel patches and [BOP]
+    PAD = 3  padding: no expert, zero update
+
+Each expert runs only on its own tokens (gather by index, scatter back): compute is
+proportional to the tokens, not tokens x experts. With `shared_attention=False` the
+attention projections, QK-norms and pre-norms are per expert too (BAGEL's MoT code);
+the attention operation itself always spans the whole sequence.
+
+Positions: 1-D RoPE over sequence positions (Qwen3), where every token of an image
+block (ViT tokens, pixel patches) shares one position (BAGEL); spatial layout inside
+a block comes from the 2-D embeddings that model.py adds.
+
+The attention mask (`attention_mask`) follows PAPER §1.2: causal for text and
+representation tokens, bidirectional inside a ViT or pixel block, and nothing after a
+noisy pixel block may see it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MoTConfig
+
+UND, REP, PIX, PAD = 0, 1, 2, 3
+N_EXPERTS = 3
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def attention_mask(seg: torch.Tensor, bidir: torch.Tensor, noisy: torch.Tensor, valid: torch.Tensor,
+                   modality: torch.Tensor, drop_rep: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (B, 1, L, L) mask, True = query i may attend to key j.
+
+    seg (B, L): block id; tokens of one ViT or pixel block share it, every other token has its own.
+    bidir (B, L): token lies in a bidirectional block.  noisy (B, L): token is a noisy pixel patch.
+    valid (B, L): not padding.  modality (B, L): UND/REP/PIX/PAD.
+    drop_rep (B,): CFG drop of the representation sequence as the pixel block sees it:
+    PIX-type queries ([BOP] and patches) may not attend to REP-type keys ([BOR] and r_i).
+    """
+    B, L = seg.shape
+    ar = torch.arange(L, device=seg.device)
+    causal = ar[None, :, None] >= ar[None, None, :]                              # (1, L, L)
+    same_block = (seg[:, :, None] == seg[:, None, :]) & bidir[:, :, None]         # (B, L, L)
+    mask = (causal | same_block) & valid[:, None, :]
+    mask = mask & ~(noisy[:, None, :] & ~same_block)       # a noisy block is invisible from outside
+    if drop_rep is not None:
+        hide = (modality[:, :, None] == PIX) & (modality[:, None, :] == REP) & drop_rep[:, None, None]
+        mask = mask & ~hide
+    mask = mask | torch.eye(L, dtype=torch.bool, device=seg.device)[None]  # padding sees itself: no empty rows
+    return mask[:, None]
+
+
+def rope_cos_sin(pos: torch.Tensor, head_dim: int, base: float):
+    """pos (B, L) -> cos, sin (B, 1, L, head_dim/2) for rotate-half RoPE."""
+    inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=pos.device) / head_dim)
+    ang = pos.float()[..., None] * inv                                           # (B, L, hd/2)
+    return ang.cos()[:, None], ang.sin()[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, hd): rotate the two halves of each head by the position angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Routing:
+    """Token indices per expert of a flattened (B*L) sequence, computed once per forward."""
+
+    def __init__(self, modality: torch.Tensor):
+        flat = modality.reshape(-1)
+        self.n = flat.numel()
+        self.idx = [(flat == e).nonzero(as_tuple=True)[0] for e in range(N_EXPERTS)]
+        self.all = (flat != PAD).nonzero(as_tuple=True)[0]
+
+    def apply(self, modules, x: torch.Tensor, out_dim: int) -> torch.Tensor:
+        """x (N, D) -> (N, out_dim): modules[e] on the rows of type e; padding rows stay zero.
+
+        A single module (shared weights) is applied once to all non-pad rows."""
+        out = x.new_zeros(self.n, out_dim)
+        groups = [(modules[0], self.all)] if len(modules) == 1 else zip(modules, self.idx)
+        for mod, idx in groups:
+            if idx.numel():
+                out = out.index_copy(0, idx, mod(x.index_select(0, idx)))
+        return out
+
+
+class AttnIn(nn.Module):
+    """Pre-norm and q/k/v projection with per-head QK-norm (Qwen3): (n, D) -> (n, 3, H, hd)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.norm = RMSNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = RMSNorm(self.hd)
+        self.k_norm = RMSNorm(self.hd)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.norm(x)).view(-1, 3, self.heads, self.hd).unbind(1)  # each (n, H, hd)
+        return torch.stack([self.q_norm(q), self.k_norm(k), v], 1).flatten(1)         # (n, 3*D)
+
+
+class FFN(nn.Module):
+    """Pre-norm SwiGLU feed-forward expert (Qwen3's FFN form)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        x = self.norm(x)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class MoTBlock(nn.Module):
+    def __init__(self, cfg: MoTConfig):
+        super().__init__()
+        n_attn = 1 if cfg.shared_attention else N_EXPERTS
+        self.dim, self.heads = cfg.dim, cfg.heads
+        self.attn_in = nn.ModuleList(AttnIn(cfg.dim, cfg.heads) for _ in range(n_attn))
+        self.attn_out = nn.ModuleList(nn.Linear(cfg.dim, cfg.dim, bias=False) for _ in range(n_attn))
+        hidden = int(cfg.dim * cfg.mlp_ratio * 2 / 3) // 8 * 8  # SwiGLU at the FLOPs of a 4x GELU MLP
+        self.ffn = nn.ModuleList(FFN(cfg.dim, hidden) for _ in range(N_EXPERTS))
+
+    def forward(self, x, routing: Routing, cos, sin, mask, kv=None):
+        """x (B, L, D). kv: optional (k, v) prefix of shape (B, H, P, hd) that the
+        queries also attend to (the cache); mask is then (B, 1, L, P + L).
+        Returns the new x and this call's own (k, v)."""
+        B, L, D = x.shape
+        H, hd = self.heads, D // self.heads
+        qkv = routing.apply(self.attn_in, x.reshape(B * L, D), 3 * D)            # (B*L, 3D)
+        q, k, v = qkv.view(B, L, 3, H, hd).permute(2, 0, 3, 1, 4)              # each (B, H, L, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = (k, v)
+        if kv is not None:
+            k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)             # (B, H, L, hd)
+        a = a.transpose(1, 2).reshape(B * L, D)
+        x = x + routing.apply(self.attn_out, a, D).view(B, L, D)
+        x = x + routing.apply(self.ffn, x.reshape(B * L, D), D).view(B, L, D)
+        return x, new_kv
+
+
+class MoT(nn.Module):
+    """The decoder trunk: embeddings in, hidden states out (heads live in model.py)."""
+
+    def __init__(self, cfg: MoTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.blocks = nn.ModuleList(MoTBlock(cfg) for _ in range(cfg.depth))
+        self.norm = nn.ModuleList(RMSNorm(cfg.dim) for _ in range(N_EXPERTS))  # final norm per modality
+
+    def forward(self, x, modality, pos, mask, cache=None, return_kv: bool = False):
+        """x (B, L, D) embedded tokens; modality, pos (B, L); mask (B, 1, L, P+L).
+        cache: optional list (one per block) of (k, v) prefixes (B, H, P, hd).
+        Returns hidden (B, L, D) after the per-modality final norm, and the per-block
+        (k, v) of these L tokens when return_kv."""
+        routing = Routing(modality)
+        cos, sin = rope_cos_sin(pos, self.cfg.dim // self.cfg.heads, self.cfg.rope_base)
+        kvs = []
+        for i, blk in enumerate(self.blocks):
+            x, kv = blk(x, routing, cos, sin, mask, None if cache is None else cache[i])
+            if return_kv:
+                kvs.append(kv)
+        B, L, D = x.shape
+        x = routing.apply(self.norm, x.reshape(B * L, D), D).view(B, L, D)
+        return (x, kvs) if return_kv else x

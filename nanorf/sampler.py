@@ -1,0 +1,155 @@
+"""Sampling: text -> representation tokens -> pixels, and image -> text (PAPER §5).
+
+Text to image, in two stages:
+  1. representation tokens r_1..r_N autoregressively from the prompt, raster order,
+     top-k / temperature sampling with CFG on the logits:
+         l = l_u + w_rep * (l_c - l_u),     l_u: the prompt dropped (PAPER: w_rep = 2.0)
+  2. pixels by integrating the flow ODE from noise (t = 0) to the image (t = 1) with the
+     prompt and the sampled r in context, CFG on both conditions jointly:
+         v = v(0, 0) + w_pix * (v(c, r) - v(0, 0))       (PAPER: w_pix = 3.0)
+     where v(0, 0) drops the prompt and hides r from the pixel block, exactly as the
+     two independent training drops do. Guidance is applied for t inside cfg_interval.
+Image to text: greedy or top-k decoding of an answer to a question about an image.
+
+This is the plain reference: every new token and every ODE step re-runs the whole
+sequence through the model. It is slow but has nothing to get wrong, which makes it the
+yardstick for any cached fast path.
+
+The conditional and unconditional branches run as one batch of 2B sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .flow import ode_step, resolution_shift, time_grid, velocity
+from .model import RFModel, unpatchify
+
+
+def sample_logits(logits: torch.Tensor, top_k: int = 0, temperature: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) -> (B,) ids. temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+
+
+@torch.no_grad()
+def sample_rep_tokens(model: RFModel, prompts: list[list[int]], cfg_rep: float, top_k: int,
+                      temperature: float, generator=None) -> torch.Tensor:
+    """(B, N) representation ids, one full forward per token."""
+    B, N = len(prompts), model.n_rep
+    dev = next(model.parameters()).device
+    guided = cfg_rep != 1.0
+    batch = prompts + [[] for _ in prompts] if guided else prompts
+    codes = torch.zeros(len(batch), 0, dtype=torch.long, device=dev)
+    for _ in range(N):
+        logits, _ = model.gen_forward(batch, codes, None, None)
+        last = logits[:, -1].float()                                               # (B or 2B, K)
+        if guided:
+            last = last[B:] + cfg_rep * (last[:B] - last[B:])
+        nxt = sample_logits(last, top_k, temperature, generator)                   # (B,)
+        nxt = torch.cat([nxt, nxt]) if guided else nxt
+        codes = torch.cat([codes, nxt[:, None]], dim=1)
+    return codes[:B]
+
+
+@torch.no_grad()
+def sample_pixels(model: RFModel, prompts: list[list[int]], codes: torch.Tensor | None,
+                  steps: int, cfg_pix: float, solver: str = "euler", shift: float = 0.0,
+                  cfg_interval=(0.0, 1.0), generator=None) -> torch.Tensor:
+    """(B, 3, H, W) images in [-1, 1]; one full forward per ODE evaluation."""
+    cfg = model.cfg
+    B, M, P = len(prompts), model.n_pix, cfg.patch_size ** 2 * 3
+    dev = next(model.parameters()).device
+    shift = shift or resolution_shift(cfg.image_size)
+    z = torch.randn(B, M, P, generator=generator).to(dev) * cfg.flow.noise_scale
+    guided = cfg_pix != 1.0
+    batch = prompts + [[] for _ in prompts] if guided else prompts
+    if codes is not None and guided:
+        codes = torch.cat([codes, codes])
+    drop_rep = torch.tensor([False] * B + [True] * B) if guided else None
+
+    def v_fn(z, t):
+        zz = torch.cat([z, z]) if guided else z
+        tt = torch.full((zz.shape[0],), t, device=dev)
+        _, x_pred = model.gen_forward(batch, codes, zz, tt, drop_rep)
+        v = velocity(x_pred.float(), zz, tt, cfg.flow.t_eps)
+        if not guided:
+            return v
+        v_c, v_u = v[:B], v[B:]
+        w = cfg_pix if cfg_interval[0] <= t <= cfg_interval[1] else 1.0
+        return v_u + w * (v_c - v_u)
+
+    ts = time_grid(steps, shift).tolist()
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        z = ode_step(v_fn, z, t0, t1, solver)
+    g = cfg.grid
+    return unpatchify(z, cfg.patch_size, g, g).clamp(-1, 1)
+
+
+@torch.no_grad()
+def text_to_image(model: RFModel, prompts: list[str], generator=None, **overrides):
+    """Prompts -> (images (B, 3, H, W) in [-1, 1], rep codes (B, N) or None).
+    overrides: any FlowConfig sampling field (steps, cfg_pix, cfg_rep, top_k, ...)."""
+    f = model.cfg.flow
+    opt = {k: overrides.get(k, getattr(f, k)) for k in
+           ("steps", "solver", "shift", "cfg_pix", "cfg_rep", "cfg_interval", "top_k", "temperature")}
+    ids = [model.tok.encode(p, model.cfg.max_text_len) for p in prompts]
+    codes = None
+    if model.cfg.rf:
+        codes = sample_rep_tokens(model, ids, opt["cfg_rep"], opt["top_k"], opt["temperature"], generator)
+    images = sample_pixels(model, ids, codes, opt["steps"], opt["cfg_pix"], opt["solver"], opt["shift"],
+                           opt["cfg_interval"], generator)
+    return images, codes
+
+
+@torch.no_grad()
+def answer(model: RFModel, images: torch.Tensor, questions: list[str], max_new_tokens: int = 72,
+           top_k: int = 0, temperature: float = 0.0, generator=None) -> list[str]:
+    """Image -> text. images (B, 3, H, W) in [-1, 1]; greedy when temperature is 0."""
+    tok = model.tok
+    qs = [model.question_ids(q) for q in questions]
+    outs: list[list[int]] = [[] for _ in qs]
+    done = [False] * len(qs)
+    for _ in range(max_new_tokens):
+        logits, lay = model.und_forward(images, qs, outs, eos=False)
+        last = lay.valid.sum(1) - 1                                                # (B,) last real column
+        nxt = sample_logits(logits[torch.arange(len(qs)), last.to(logits.device)], top_k, temperature, generator)
+        for b, c in enumerate(nxt.tolist()):
+            if not done[b]:
+                if c == tok.eos or c >= tok.n_bytes:
+                    done[b] = True
+                else:
+                    outs[b].append(c)
+        if all(done):
+            break
+    return [tok.decode(o) for o in outs]
+
+
+def save_grid(images, path, ncol: int = 8, scale: int = 1, pad: int = 2):
+    """Write a list of (H, W, 3) uint8 images as one PNG grid (nearest upscaling by `scale`),
+    atomically: to a temporary name first, then renamed."""
+    import os
+    import numpy as np
+    from PIL import Image
+    n = len(images)
+    ncol = min(ncol, n)
+    nrow = (n + ncol - 1) // ncol
+    h, w = images[0].shape[:2]
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
+    img = Image.fromarray(grid)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = str(path)
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
