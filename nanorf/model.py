@@ -60,17 +60,19 @@ def unpatchify(x: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
     return x.reshape(B, 3, h * p, w * p)
 
 
-def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
+def sincos_2d(h: int, w: int, dim: int, max_cells: int = 64) -> torch.Tensor:
     """(h*w, dim) sin-cos features of cell centres in [0, 1]^2 coordinates, raster order.
 
-    Normalised coordinates make grids of different densities over the same image
-    (pixel patches, rep tokens, ViT patches) agree where they overlap."""
+    Normalised coordinates with grid-independent frequencies make grids of different
+    densities over the same image (pixel patches, rep tokens, ViT patches) agree where
+    their centres coincide. The dim/4 frequencies per axis are geometric from pi/2 (a
+    quarter turn across the image) to pi * max_cells (neighbours half a turn apart on
+    a max_cells grid; 64 covers the paper's 1024 px pixel grid)."""
     ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
     xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     q = dim // 4
-    freqs = 2 ** torch.arange(q, dtype=torch.float32) * torch.pi / 2  # periods from 4 down to a few cells
-    freqs = freqs[: q].clamp(max=torch.pi * max(h, w, 8))
+    freqs = (torch.pi / 2) * (2.0 * max_cells) ** (torch.arange(q, dtype=torch.float32) / max(1, q - 1))
     out = []
     for c in (yy.flatten(), xx.flatten()):
         a = c[:, None] * freqs[None]                                            # (h*w, q)

@@ -82,24 +82,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Routing:
-    """Token indices per expert of a flattened (B*L) sequence, computed once per forward."""
+    """Groups the tokens of a flattened (B*L) sequence by type, once per forward.
+
+    Tokens are sorted by type with one gather, each expert runs on its contiguous
+    slice, and one more gather puts the rows back in sequence order: the cost is
+    proportional to the number of tokens, whatever the number of experts."""
 
     def __init__(self, modality: torch.Tensor):
         flat = modality.reshape(-1)
-        self.n = flat.numel()
-        self.idx = [(flat == e).nonzero(as_tuple=True)[0] for e in range(N_EXPERTS)]
-        self.all = (flat != PAD).nonzero(as_tuple=True)[0]
+        self.order = torch.argsort(flat, stable=True)                              # (B*L,) grouped UND, REP, PIX, PAD
+        self.inverse = torch.argsort(self.order)
+        self.counts = torch.bincount(flat, minlength=PAD + 1).tolist()             # tokens per type
 
     def apply(self, modules, x: torch.Tensor, out_dim: int) -> torch.Tensor:
-        """x (N, D) -> (N, out_dim): modules[e] on the rows of type e; padding rows stay zero.
+        """x (N, D) -> (N, out_dim): modules[e] on the rows of type e; PAD rows get zeros.
 
-        A single module (shared weights) is applied once to all non-pad rows."""
-        out = x.new_zeros(self.n, out_dim)
-        groups = [(modules[0], self.all)] if len(modules) == 1 else zip(modules, self.idx)
-        for mod, idx in groups:
-            if idx.numel():
-                out = out.index_copy(0, idx, mod(x.index_select(0, idx)))
-        return out
+        A single module (shared weights) runs on every row as one matmul; its PAD rows
+        are not zeroed, which is harmless: the mask hides padding from every real token."""
+        if len(modules) == 1:
+            return modules[0](x)
+        groups = x[self.order].split(self.counts)                                  # per type, (n_e, D)
+        outs = [m(g) if g.shape[0] else g.new_zeros(0, out_dim) for m, g in zip(modules, groups)]
+        outs.append(x.new_zeros(self.counts[PAD], out_dim))
+        return torch.cat(outs)[self.inverse]
 
 
 class AttnIn(nn.Module):

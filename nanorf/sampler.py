@@ -79,7 +79,9 @@ def sample_pixels(model: RFModel, prompts: list[list[int]], codes: torch.Tensor 
         zz = torch.cat([z, z]) if guided else z
         tt = torch.full((zz.shape[0],), t, device=dev)
         _, x_pred = model.gen_forward(batch, codes, zz, tt, drop_rep)
-        v = velocity(x_pred.float(), zz, tt, cfg.flow.t_eps)
+        # no (1 - t) clamp here: t < 1 at every evaluation, and the training clamp would
+        # make the last Euler step stop short of the predicted image
+        v = velocity(x_pred.float(), zz, tt, 1e-6)
         if not guided:
             return v
         v_c, v_u = v[:B], v[B:]

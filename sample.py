@@ -1,0 +1,148 @@
+"""Sample from a trained nanorf checkpoint: text -> image, and image -> text (PAPER §5).
+
+    python sample.py --ckpt out/toy/ckpt.pt --prompt "a red circle at the top left" --out red.png
+    python sample.py --ckpt out/toy/ckpt.pt --prompts-file prompts.txt --out-dir samples/
+    python sample.py --ckpt out/toy/ckpt.pt --prompts-file prompts.txt --grid grid.png
+    python sample.py --ckpt out/toy/ckpt.pt --image red.png --question "what color is the circle?"
+
+Images are written at the model's native resolution; `--rep-map` also writes the
+sampled representation-token map (one colour per code, upscaled to the image size)
+beside each image, so you can see what the model planned before it painted.
+Every output file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample from a nanorf checkpoint.")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (e.g. out/toy/ckpt.pt)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one text prompt to turn into an image")
+    src.add_argument("--prompts-file", help="text file, one prompt per line")
+    src.add_argument("--image", help="an image to ask --question about (image -> text)")
+    p.add_argument("--question", default="describe the image.", help="question about --image")
+    p.add_argument("--out", help="output PNG for --prompt")
+    p.add_argument("--out-dir", help="folder for --prompts-file: writes 0000.png, 0001.png, ...")
+    p.add_argument("--grid", help="also (or only) write all images of --prompts-file as one PNG grid")
+    p.add_argument("--rep-map", action="store_true", help="also write NAME.rep.png, the sampled rep-token map")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the config's, 25)")
+    p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver")
+    p.add_argument("--cfg-pix", type=float, default=None, help="pixel guidance w_pix (paper 3.0; 1 = off)")
+    p.add_argument("--cfg-rep", type=float, default=None, help="rep-token logit guidance w_rep (paper 2.0; 1 = off)")
+    p.add_argument("--top-k", type=int, default=None, help="rep-token top-k (0 = all codes)")
+    p.add_argument("--temperature", type=float, default=None, help="rep-token temperature")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    return p.parse_args(argv)
+
+
+def fail(msg: str):
+    print(f"sample.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def save_png(img: np.ndarray, path: Path):
+    from PIL import Image
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(img).save(tmp)
+    os.replace(tmp, path)
+
+
+def rep_map(codes: torch.Tensor, size: int) -> np.ndarray:
+    """(N,) codes on a square grid -> (size, size, 3) uint8, one fixed colour per code id."""
+    g = int(round(codes.numel() ** 0.5))
+    palette = np.random.default_rng(0).integers(40, 256, size=(int(codes.max()) + 1, 3), dtype=np.uint8)
+    img = palette[codes.view(g, g).cpu().numpy()]                              # (g, g, 3)
+    return img.repeat(size // g, 0).repeat(size // g, 1)
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        fail(f"no prompts file at {path}")
+    prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not prompts:
+        fail(f"{path} has no prompts")
+    return prompts
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from nanorf.checkpoint import CheckpointError, load_model
+    from nanorf.model import images_to_tensor, tensor_to_images
+    from nanorf.sampler import answer, save_grid, text_to_image
+    from nanorf.tokenizer import TokenizerError
+
+    if args.prompt is not None and not args.out:
+        fail("--prompt needs --out FILE.png")
+    if args.prompts_file is not None and not (args.out_dir or args.grid):
+        fail("--prompts-file needs --out-dir DIR and/or --grid FILE.png")
+    prompts = None if args.image else read_prompts(args)
+    try:
+        model, cfg, step = load_model(args.ckpt, args.device, ema=not args.raw)
+    except CheckpointError as e:
+        fail(str(e))
+    gen = torch.Generator().manual_seed(args.seed)
+
+    if args.image:
+        from PIL import Image, UnidentifiedImageError
+        try:
+            img = np.asarray(Image.open(args.image).convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            fail(f"cannot read image {args.image}: {e}")
+        s = cfg.model.image_size
+        if img.shape[:2] != (s, s):
+            fail(f"image {args.image} is {img.shape[1]}x{img.shape[0]}; this model reads {s}x{s}")
+        try:
+            print(answer(model, images_to_tensor([img]).to(args.device), [args.question])[0])
+        except TokenizerError as e:
+            fail(str(e))
+        return
+
+    overrides = {k: v for k, v in (("steps", args.steps), ("solver", args.solver), ("cfg_pix", args.cfg_pix),
+                                   ("cfg_rep", args.cfg_rep), ("top_k", args.top_k),
+                                   ("temperature", args.temperature)) if v is not None}
+    for p in prompts:  # check every prompt before sampling any
+        try:
+            model.tok.encode(p, cfg.model.max_text_len)
+        except TokenizerError as e:
+            fail(str(e))
+    images, codes = [], []
+    for i in range(0, len(prompts), args.batch_size):
+        x, c = text_to_image(model, prompts[i:i + args.batch_size], generator=gen, **overrides)
+        images += tensor_to_images(x)
+        codes += [None] * len(x) if c is None else list(c)
+
+    if args.out:
+        outs = [Path(args.out)]
+    elif args.out_dir:
+        digits = max(4, len(str(len(prompts) - 1)))
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        outs = [Path(args.out_dir) / f"{i:0{digits}d}.png" for i in range(len(prompts))]
+    else:
+        outs = []
+    for img, c, path in zip(images, codes, outs):
+        save_png(img, path)
+        if args.rep_map and c is not None:
+            save_png(rep_map(c, cfg.model.image_size), path.with_suffix(".rep.png"))
+    if args.grid:
+        save_grid(images, args.grid, scale=max(1, 128 // cfg.model.image_size))
+    where = args.out or args.out_dir or args.grid
+    print(f"wrote {len(images)} image(s) to {where} (checkpoint step {step})")
+
+
+if __name__ == "__main__":
+    main()

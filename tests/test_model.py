@@ -1,0 +1,281 @@
+"""Tests for nanorf/model.py: patchify, 2-D sin-cos positions, sequence layouts, the three
+losses (hand checks, per-example normalisation, CFG drops), that training lowers the loss,
+and the representation targets."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanorf.model import (RepresentationTargets, images_to_tensor, patchify, sincos_2d,
+                          tensor_to_images, unpatchify)
+from nanorf.mot import PAD, PIX, REP, UND
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# ---- patches and positions -----------------------------------------------------------------
+
+
+def test_patchify_hand_checked_and_round_trip():
+    img = torch.arange(3 * 8 * 8, dtype=torch.float32).view(1, 3, 8, 8)   # value = c*64 + y*8 + x
+    x = patchify(img, 4)
+    assert x.shape == (1, 4, 48)
+    # patch (row 0, col 1) is patch 1 in raster order; its vector is (i, j, c) with c fastest
+    want = torch.tensor([[c * 64 + i * 8 + (4 + j) for i in range(4) for j in range(4) for c in range(3)]],
+                        dtype=torch.float32)
+    assert torch.equal(x[0, 1], want[0])
+    assert x[0, 1, :4].tolist() == [4.0, 68.0, 132.0, 5.0]
+    assert x[0, 2, 0].item() == 32.0           # patch (1, 0) starts at y = 4, x = 0
+    g = torch.Generator().manual_seed(0)
+    img2 = torch.randn(2, 3, 12, 8, generator=g)
+    assert torch.equal(unpatchify(patchify(img2, 4), 4, 3, 2), img2)
+
+
+def test_sincos_2d_values_and_shapes():
+    e = sincos_2d(2, 2, 8)
+    assert e.shape == (4, 8)
+    # q = 2 frequencies, geometric from pi/2 to pi/2 * (2 * 64) = 64 pi; cell (0, 1) has
+    # centre y = 0.25, x = 0.75
+    y, x, f = 0.25, 0.75, [math.pi / 2, 64 * math.pi]
+    want = ([math.sin(y * w) for w in f] + [math.cos(y * w) for w in f]
+            + [math.sin(x * w) for w in f] + [math.cos(x * w) for w in f])
+    assert torch.allclose(e[1], torch.tensor(want), atol=1e-5)
+    assert sincos_2d(3, 5, 64).shape == (15, 64)
+    assert len({tuple(r) for r in sincos_2d(4, 4, 32).round(decimals=4).tolist()}) == 16  # distinct
+
+
+def test_sincos_2d_grids_agree_at_coinciding_centres_small():
+    # a 1x1 grid's centre (0.5, 0.5) is the centre cell of a 3x3 grid; a 2x2 grid's cells are
+    # the centres of the 3x3 blocks of a 6x6 grid
+    assert torch.allclose(sincos_2d(1, 1, 64)[0], sincos_2d(3, 3, 64)[4], atol=1e-6)
+    six = sincos_2d(6, 6, 32)
+    assert torch.allclose(sincos_2d(2, 2, 32), six[[7, 10, 25, 28]], atol=1e-6)
+
+
+def test_sincos_2d_grids_agree_at_coinciding_centres_large():
+    a, b = sincos_2d(8, 8, 64), sincos_2d(24, 24, 64)
+    idx = [(3 * i + 1) * 24 + (3 * j + 1) for i in range(8) for j in range(8)]
+    assert torch.allclose(a, b[idx], atol=1e-5)
+
+
+def test_images_tensor_round_trip():
+    import numpy as np
+    ims = [np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)]
+    x = images_to_tensor(ims)
+    assert x.shape == (1, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+    assert (tensor_to_images(x)[0] == ims[0]).all()
+
+
+# ---- layouts -------------------------------------------------------------------------------
+
+def test_gen_layout_hand_built(tiny_model):
+    m = tiny_model()
+    t = m.tok
+    lay = m.gen_layout([[65, 66], [65, 66, 67, 68]], n_rep=4, n_pix=16)
+    L = 1 + 4 + 1 + 4 + 1 + 16   # BOS p1..p4 | BOR r1..r4 | BOP x1..x16 (example 0: 2 pads, 2 bytes)
+    assert lay.tokens.shape == (2, L)
+    assert lay.rep_cols == slice(L - 16 - 1 - 4, L - 16 - 1) and lay.pix_cols == slice(L - 16, L)
+    assert lay.tokens[0].tolist() == [0, 0, t.bos, 65, 66, t.bor] + [0] * 4 + [t.bop] + [0] * 16
+    assert lay.tokens[1].tolist() == [t.bos, 65, 66, 67, 68, t.bor] + [0] * 4 + [t.bop] + [0] * 16
+    assert lay.modality[0].tolist() == [PAD, PAD, UND, UND, UND] + [REP] * 5 + [PIX] * 17
+    assert lay.pos[0].tolist() == [0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8] + [9] * 16
+    assert lay.pos[1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10] + [11] * 16
+    assert lay.valid[0].tolist() == [False, False] + [True] * (L - 2)
+    assert lay.noisy[0].tolist() == [False] * (L - 16) + [True] * 16
+    assert lay.bidir[0].tolist() == [False] * (L - 16) + [True] * 16
+    assert len(set(lay.seg[0, lay.pix_cols].tolist())) == 1
+    assert len(set(lay.seg[0, : L - 16].tolist())) == L - 16
+    assert (lay.targets == -1).all()
+
+
+def test_gen_layout_without_rf(tiny_model):
+    m = tiny_model("model.rf=false")
+    t = m.tok
+    assert m.n_rep == 0 and not hasattr(m, "rep_head")
+    lay = m.gen_layout([[65]], n_rep=0, n_pix=16)
+    assert lay.rep_cols is None and lay.pix_cols == slice(3, 19)
+    assert lay.tokens[0, :3].tolist() == [t.bos, 65, t.bop]
+    assert lay.modality[0].tolist() == [UND, UND] + [PIX] * 17
+
+
+def test_und_layout_hand_built(tiny_model):
+    m = tiny_model()
+    t = m.tok
+    lay = m.und_layout([[10, 11], [10, 11, 12]], [[12, 13], [20]])
+    V = 16
+    assert lay.vit_cols == slice(2, 2 + V)
+    # example 0: BOS BOI v*16 EOI 10 11 12 13 EOS
+    s = 2 + V + 1
+    assert lay.tokens[0].tolist() == [t.bos, t.boi] + [0] * V + [t.eoi, 10, 11, 12, 13, t.eos]
+    want = [-1] * (s + 5)
+    want[s + 1], want[s + 2], want[s + 3] = 12, 13, t.eos   # "11" predicts 12, 12 -> 13, 13 -> EOS
+    assert lay.targets[0].tolist() == want
+    # example 1: question 10 11 12, answer 20, EOS: same length, different split
+    want1 = [-1] * (s + 5)
+    want1[s + 2], want1[s + 3] = 20, t.eos
+    assert lay.targets[1].tolist() == want1
+    assert lay.pos[0].tolist() == [0, 1] + [2] * V + [3, 4, 5, 6, 7, 8]
+    assert lay.bidir[0].tolist() == [False, False] + [True] * V + [False] * 6
+    assert not lay.noisy.any()
+    # right padding: a shorter example keeps its ViT block in the same columns
+    lay2 = m.und_layout([[10], [10, 11, 12]], [[12], [20, 21, 22]])
+    assert lay2.valid[0].tolist() == [True] * (s + 3) + [False] * 4
+    assert lay2.modality[0, -4:].tolist() == [PAD] * 4
+    assert lay2.targets[0].tolist() == [-1] * s + [12, t.eos] + [-1] * 5
+
+
+def test_und_layout_without_eos_has_no_targets_on_question(tiny_model):
+    m = tiny_model()
+    lay = m.und_layout([[10, 11]], [[]], eos=False)
+    assert (lay.targets == -1).all()
+
+
+# ---- losses --------------------------------------------------------------------------------
+
+def _gen_batch(B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(prompts=[[65, 66, 67], [68]][:B] + [[70 + i] for i in range(B - 2)],
+                images=torch.rand(B, 3, 16, 16, generator=g) * 2 - 1,
+                codes=torch.randint(0, 16, (B, 4), generator=g),
+                t=torch.rand(B, generator=g) * 0.8 + 0.1,
+                eps=torch.randn(B, 16, 48, generator=g),
+                drop_text=torch.zeros(B, dtype=torch.bool), drop_rep=torch.zeros(B, dtype=torch.bool))
+
+
+def test_gen_loss_finite_rf_on_and_off(tiny_model):
+    for rf in ("true", "false"):
+        m = tiny_model(f"model.rf={rf}")
+        b = _gen_batch()
+        if rf == "false":
+            b["codes"] = None
+        l_rep, l_fm = m.gen_loss(**b)
+        assert l_rep.shape == () and l_fm.shape == ()
+        assert torch.isfinite(l_rep) and torch.isfinite(l_fm) and l_fm > 0
+        if rf == "true":
+            assert l_rep.item() == pytest.approx(math.log(16), abs=0.15)   # small-init head: ~uniform
+        else:
+            assert l_rep.item() == 0.0
+
+
+def test_gen_loss_hand_check_with_zero_pixel_head(tiny_model):
+    """At init the pixel head is zero (JiT), so x_pred = 0 and L_FM has a closed form."""
+    m = tiny_model(randomize_pix_head=False)
+    b = _gen_batch()
+    _, l_fm = m.gen_loss(**b)
+    x = patchify(b["images"], 4)
+    t = b["t"][:, None, None]
+    z = t * x + (1 - t) * b["eps"]
+    want = ((-z / (1 - t).clamp_min(0.05) - (x - b["eps"])) ** 2).mean()
+    assert l_fm.item() == pytest.approx(want.item(), rel=1e-5)
+    rep_logits, _ = m.gen_forward(b["prompts"], b["codes"], patchify(b["images"], 4), b["t"])
+    # the rep loss is next-token CE: logits at [BOR], r_1..r_3 predict r_1..r_4
+    l_rep, _ = m.gen_loss(**b)
+    ce = F.cross_entropy(rep_logits[:, :4].reshape(-1, 16), b["codes"].reshape(-1))
+    assert rep_logits.shape == (2, 5, 16)
+    assert l_rep.item() == pytest.approx(ce.item(), rel=1e-5)
+
+
+def test_drop_text_equals_empty_prompt(tiny_model):
+    m = tiny_model()
+    b = _gen_batch()
+    dropped = m.gen_loss(**{**b, "drop_text": torch.tensor([True, False])})
+    empty = m.gen_loss(**{**b, "prompts": [[], b["prompts"][1]]})
+    kept = m.gen_loss(**b)
+    for d, e in zip(dropped, empty):
+        assert d.item() == pytest.approx(e.item(), abs=1e-6)
+    assert abs(dropped[1].item() - kept[1].item()) > 1e-6   # the drop matters
+
+
+def test_drop_rep_changes_only_fm(tiny_model):
+    m = tiny_model()
+    b = _gen_batch()
+    l_rep0, l_fm0 = m.gen_loss(**b)
+    l_rep1, l_fm1 = m.gen_loss(**{**b, "drop_rep": torch.tensor([True, True])})
+    assert l_rep0.item() == pytest.approx(l_rep1.item(), abs=1e-7)   # rep tokens never see pixels
+    assert abs(l_fm0.item() - l_fm1.item()) > 1e-6
+
+
+def _und_batch(idx, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    qs = [[10, 11, 12], [40], [50, 51]]
+    ans = [[20], [21, 22, 23, 24, 25, 26], [30, 31]]
+    return dict(images=images[idx], questions=[qs[i] for i in idx], answers=[ans[i] for i in idx])
+
+
+def test_und_loss_hand_check(tiny_model):
+    m = tiny_model()
+    b = _und_batch([1])
+    logits, lay = m.und_forward(**b)
+    s = 2 + 16 + 1           # first text column; question is 1 byte, answer 6 bytes, then EOS
+    cols = list(range(s, s + 7))
+    tgt = torch.tensor([21, 22, 23, 24, 25, 26, m.tok.eos])
+    want = F.cross_entropy(logits[0, cols], tgt)
+    assert m.und_loss(**b).item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_und_loss_is_mean_of_per_example_means(tiny_model):
+    """Each example weighs the same whatever its answer length: the property that makes a DDP
+    step equal a single-process step."""
+    m = tiny_model()
+    both = m.und_loss(**_und_batch([0, 1])).item()
+    l0, l1 = m.und_loss(**_und_batch([0])).item(), m.und_loss(**_und_batch([1])).item()
+    assert both == pytest.approx((l0 + l1) / 2, abs=1e-5)
+    # and it is not the token-weighted mean (2 vs 7 target tokens)
+    assert abs(both - (2 * l0 + 7 * l1) / 9) > 1e-3
+    three = m.und_loss(**_und_batch([0, 1, 2])).item()
+    l2 = m.und_loss(**_und_batch([2])).item()
+    assert three == pytest.approx((l0 + l1 + l2) / 3, abs=1e-5)
+
+
+def test_forward_sums_the_three_losses(tiny_model):
+    m = tiny_model()
+    total, parts = m(_gen_batch(), _und_batch([0, 2]))
+    assert set(parts) == {"lm", "rep", "fm"}
+    assert total.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-6)
+    assert all(v.item() > 0 for v in parts.values())
+    total2, parts2 = m(_gen_batch())
+    assert parts2["lm"].item() == 0.0
+
+
+def test_short_training_run_lowers_the_loss(tiny_model):
+    m = tiny_model(randomize_pix_head=False).train()
+    gen, und = _gen_batch(B=4, seed=3), _und_batch([0, 1, 2])
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(30):
+        loss, parts = m(gen, und)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append({k: v.item() for k, v in parts.items()})
+    first, last = losses[0], losses[-1]
+    assert sum(last.values()) < 0.7 * sum(first.values())
+    for k in ("lm", "rep", "fm"):
+        assert last[k] < first[k], (k, first[k], last[k])
+
+
+def test_every_parameter_gets_a_gradient(tiny_model):
+    """DDP without find_unused_parameters needs every trainable parameter in the graph."""
+    m = tiny_model()
+    loss, _ = m(_gen_batch(), _und_batch([0, 1]))
+    loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+# ---- representation targets ----------------------------------------------------------------
+
+def test_representation_targets(tiny_model, tiny_config):
+    m = tiny_model()
+    cfg = tiny_config().model
+    rt = RepresentationTargets(cfg, m.vit)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    codes = rt(images, update=False)
+    assert codes.shape == (3, cfg.rep_grid ** 2) == (3, 4)
+    assert codes.dtype == torch.long
+    assert (codes >= 0).all() and (codes < cfg.vq.codebook_size).all()
+    assert torch.equal(rt(images, update=False), codes)   # deterministic without an update
+    assert not any(p.requires_grad for p in rt.parameters())
