@@ -90,6 +90,9 @@ def main(argv=None):
         fail("--prompt needs --out FILE.png")
     if args.prompts_file is not None and not (args.out_dir or args.grid):
         fail("--prompts-file needs --out-dir DIR and/or --grid FILE.png")
+    for out in (args.out, args.grid):  # fail before the slow part, not after it
+        if out and not Path(out).resolve().parent.is_dir():
+            fail(f"output folder {Path(out).parent} does not exist")
     prompts = None if args.image else read_prompts(args)
     try:
         model, cfg, step = load_model(args.ckpt, args.device, ema=not args.raw)

@@ -42,7 +42,7 @@ from nanorf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from nanorf.config import PRESETS, Config, apply_overrides, get_config
 from nanorf.data import DataError, ImageCaptionFolder, ShapesWorld
 from nanorf.flow import sample_t
-from nanorf.model import RFModel, RepresentationTargets, images_to_tensor
+from nanorf.model import RFModel, RepresentationTargets, images_to_tensor, validate
 from nanorf.vq import codebook_stats
 
 
@@ -84,6 +84,7 @@ def build_config(args) -> Config:
     if args.per_modality_attention:
         m.mot.shared_attention = False
     apply_overrides(cfg, args.set)
+    validate(cfg.model)
     return cfg
 
 
@@ -264,6 +265,10 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
                 (loss / accum).backward()
             for k in sums:
                 sums[k] += parts[k].item() / accum
+        if world > 1:  # log the global batch's losses, not rank 0's share
+            red = torch.tensor([sums[k] for k in sums], device=device)
+            dist.all_reduce(red)
+            sums = {k: v / world for k, v in zip(sums, red.tolist())}
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

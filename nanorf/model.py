@@ -80,6 +80,23 @@ def sincos_2d(h: int, w: int, dim: int, max_cells: int = 64) -> torch.Tensor:
     return torch.cat(out, dim=1)                                                # (h*w, 4q)
 
 
+def validate(cfg: ModelConfig):
+    """Raise ValueError, in one line, for shapes the model cannot be built with."""
+    m, v = cfg.mot, cfg.vit
+    checks = [
+        (cfg.image_size % cfg.patch_size == 0, f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}"),
+        (cfg.image_size % v.patch_size == 0, f"image_size {cfg.image_size} is not a multiple of vit.patch_size {v.patch_size}"),
+        (m.dim % m.heads == 0 and (m.dim // m.heads) % 2 == 0, f"mot.dim {m.dim} must split into {m.heads} heads of even size"),
+        (m.dim % 4 == 0, f"mot.dim {m.dim} must be a multiple of 4 (2-D sin-cos positions)"),
+        (v.dim % (4 * v.heads) == 0, f"vit.dim {v.dim} must be a multiple of 4 * vit.heads ({4 * v.heads}) for 2-D RoPE"),
+        (not cfg.rf or (cfg.image_size // v.patch_size) % cfg.vq.pool == 0,
+         f"the ViT grid {cfg.image_size // v.patch_size} is not a multiple of vq.pool {cfg.vq.pool}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
 @dataclass
 class Layout:
     """Per-token bookkeeping of a padded batch of sequences (all (B, L))."""
@@ -128,8 +145,7 @@ class RFModel(nn.Module):
         self.cfg = cfg
         self.tok = ByteTokenizer()
         D, p = cfg.mot.dim, cfg.patch_size
-        if cfg.image_size % cfg.vit.patch_size or cfg.image_size % p:
-            raise ValueError(f"image_size {cfg.image_size} must be a multiple of the patch sizes")
+        validate(cfg)
         self.n_pix = cfg.grid ** 2
         self.n_rep = cfg.rep_grid ** 2 if cfg.rf else 0
         # understanding

@@ -27,9 +27,10 @@ Choices the paper leaves open (PAPER §3 "Implementation gaps"):
   * Empty codes (N_k = 0, a 0/0 in the pseudocode) keep their prototype bit-exactly (torch.where).
   * DDP: per-code sums and counts are all-reduced (one collective on a (K, D+1) tensor), so every
     rank applies the same update and the codebook stays identical across ranks without broadcasts.
-  * Initialisation: on the first forward, prototypes are K features of that batch (without
-    replacement if M >= K, else with replacement) plus small Gaussian noise (0.01 / sqrt(D) per
-    coordinate), re-normalised; sampled on rank 0 and broadcast. Why not random unit vectors: in
+  * Initialisation: on the first forward, prototypes are K features of that global batch
+    (without replacement if M >= K, else with replacement) plus small Gaussian noise
+    (0.01 / sqrt(D) per coordinate), re-normalised; the features are all-gathered and the draw
+    uses a fixed-seed generator, so DDP picks what one process would. Why not random unit vectors: in
     high dimension they are nearly orthogonal to every real feature (which lie in a small cone),
     so early assignments collapse onto the few prototypes that happen to be closest. The noise
     separates duplicates (e.g. many identical background patches), which otherwise tie forever
@@ -58,6 +59,21 @@ INIT_NOISE = 0.01  # norm of the noise added to sampled init features (relative 
 
 def _ddp() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_rows(z: Tensor) -> Tensor:
+    """Concatenate every rank's rows in rank order (ranks may hold different counts)."""
+    if not _ddp():
+        return z
+    n = torch.tensor([z.shape[0]], device=z.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(x) for x in sizes]
+    padded = torch.zeros(max(sizes), z.shape[1], device=z.device, dtype=z.dtype)
+    padded[: z.shape[0]] = z
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:k] for o, k in zip(out, sizes)])
 
 
 def pool_features(feats: Tensor, grid: tuple[int, int], pool: int) -> Tensor:
@@ -137,16 +153,18 @@ class OnlineVQ(nn.Module):
 
     @torch.no_grad()
     def init_from(self, z: Tensor):
-        """Prototypes <- K features of z (+ noise), chosen on rank 0 and broadcast to all ranks."""
+        """Prototypes <- K features of the global batch (+ noise), drawn from a fixed-seed
+        generator, so every rank, and a single process holding the same global batch,
+        picks the same codebook."""
+        z = _gather_rows(z.float())                                       # (M_global, D), rank order
         M = z.shape[0]
+        g = torch.Generator().manual_seed(0)
         if M >= self.K:
-            idx = torch.randperm(M, device=z.device)[: self.K]
+            idx = torch.randperm(M, generator=g)[: self.K]
         else:
-            idx = torch.randint(0, M, (self.K,), device=z.device)
-        noise = torch.randn(self.K, self.dim, device=z.device) * (INIT_NOISE / math.sqrt(self.dim))
-        self.prototypes.copy_(F.normalize(z[idx].float() + noise, dim=1))
-        if _ddp():
-            dist.broadcast(self.prototypes, src=0)
+            idx = torch.randint(0, M, (self.K,), generator=g)
+        noise = torch.randn(self.K, self.dim, generator=g) * (INIT_NOISE / math.sqrt(self.dim))
+        self.prototypes.copy_(F.normalize(z[idx.to(z.device)] + noise.to(z.device), dim=1))
         self.initialized.fill_(True)
 
     @torch.no_grad()

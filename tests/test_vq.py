@@ -283,7 +283,14 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
         half(zb[:SPLIT])
     assert not torch.allclose(half.prototypes, single.prototypes, atol=1e-3)
 
-    # init: both ranks agree, and the prototypes were sampled from rank 0's features
+    # init: both ranks agree, and equal one process initialised on the global batch
+    # (rank 0's rows, then rank 1's): the draw is over the gathered features
     assert torch.equal(r0["init_protos"], r1["init_protos"])
-    assert (r0["init_protos"] @ r0["z_init"].T).max(1).values.min() > 0.99
+    one = OnlineVQ(D_DDP, VQConfig(codebook_size=K_DDP)).eval()
+    one(torch.cat([r0["z_init"], r1["z_init"]]))
+    assert torch.allclose(r0["init_protos"], one.prototypes, atol=1e-6)
+    # and it drew from both ranks' features, not from one rank's alone
+    both = torch.cat([r0["z_init"], r1["z_init"]])
+    assert (r0["init_protos"] @ both.T).max(1).values.min() > 0.99
+    assert (r0["init_protos"] @ r0["z_init"].T).max(1).values.min() < 0.99
     assert (r0["init_protos"] @ r1["z_init"].T).max(1).values.min() < 0.99
