@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=None, help="rep-token top-k (0 = all codes)")
     p.add_argument("--temperature", type=float, default=None, help="rep-token temperature")
     p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="use the uncached reference sampler (slow; for checking the fast path)")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     return p.parse_args(argv)
@@ -110,7 +112,8 @@ def main(argv=None):
         if img.shape[:2] != (s, s):
             fail(f"image {args.image} is {img.shape[1]}x{img.shape[0]}; this model reads {s}x{s}")
         try:
-            print(answer(model, images_to_tensor([img]).to(args.device), [args.question])[0])
+            print(answer(model, images_to_tensor([img]).to(args.device), [args.question],
+                         kv_cache=not args.no_kv_cache)[0])
         except TokenizerError as e:
             fail(str(e))
         return
@@ -125,7 +128,8 @@ def main(argv=None):
             fail(str(e))
     images, codes = [], []
     for i in range(0, len(prompts), args.batch_size):
-        x, c = text_to_image(model, prompts[i:i + args.batch_size], generator=gen, **overrides)
+        x, c = text_to_image(model, prompts[i:i + args.batch_size], generator=gen,
+                             kv_cache=not args.no_kv_cache, **overrides)
         images += tensor_to_images(x)
         codes += [None] * len(x) if c is None else list(c)
 

@@ -233,14 +233,21 @@ class RFModel(nn.Module):
         if vit_tokens is not None:
             parts.append((lay.vit_cols, self.connector(vit_tokens) + self.vit_pos))
         if lay.rep_cols is not None and codes is not None and codes.shape[1]:
-            n = codes.shape[1]
-            parts.append((lay.rep_cols, self.rep_emb(codes) + self.rep_pos[:n]))
+            parts.append((lay.rep_cols, self.embed_rep(codes)))
         if z is not None:
-            te = self.t_emb(timestep_embedding(t, 256))                            # (B, D)
-            parts.append((lay.pix_cols, self.pix_emb(z) + te[:, None] + self.pix_pos))
+            parts.append((lay.pix_cols, self.embed_pix(z, t)))
         for cols, val in sorted(parts, key=lambda cv: cv[0].start):
             x = torch.cat([x[:, :cols.start], val.to(x.dtype), x[:, cols.stop:]], dim=1)
         return x
+
+    def embed_rep(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """codes (B, n) for raster positions start..start+n -> (B, n, D): identity + 2-D spatial."""
+        return self.rep_emb(codes) + self.rep_pos[start:start + codes.shape[1]]
+
+    def embed_pix(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """z (B, M, p*p*3) noisy patches at times t (B,) -> (B, M, D)."""
+        te = self.t_emb(timestep_embedding(t, 256))                                # (B, D)
+        return self.pix_emb(z) + te[:, None] + self.pix_pos
 
     def trunk(self, lay: Layout, x: torch.Tensor, drop_rep=None) -> torch.Tensor:
         dev = x.device

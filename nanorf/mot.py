@@ -101,10 +101,11 @@ class Routing:
         are not zeroed, which is harmless: the mask hides padding from every real token."""
         if len(modules) == 1:
             return modules[0](x)
-        groups = x[self.order].split(self.counts)                                  # per type, (n_e, D)
+        # index_select, not x[idx]: its backward is an index_add, much cheaper than index_put
+        groups = x.index_select(0, self.order).split(self.counts)                  # per type, (n_e, D)
         outs = [m(g) if g.shape[0] else g.new_zeros(0, out_dim) for m, g in zip(modules, groups)]
         outs.append(x.new_zeros(self.counts[PAD], out_dim))
-        return torch.cat(outs)[self.inverse]
+        return torch.cat(outs).index_select(0, self.inverse)
 
 
 class AttnIn(nn.Module):
@@ -167,6 +168,60 @@ class MoTBlock(nn.Module):
         return x, new_kv
 
 
+class KVCache:
+    """Keys and values of an already processed prefix, for every block, preallocated.
+
+    Besides k/v, the cache keeps what the mask needs to know about each cached key:
+    whether it is a real token (`valid`) and its expert type (`modality`, so a CFG branch
+    can hide the representation tokens from the pixel block). Tokens are appended in
+    columns; RoPE positions travel with the tokens, so a padded column costs only a
+    masked key. Noisy pixel blocks are never written: nothing after them may see them.
+    """
+
+    def __init__(self, depth: int, max_len: int):
+        self.depth, self.max_len, self.len = depth, max_len, 0
+        self.k = self.v = self.valid = self.modality = None
+
+    def append(self, i: int, k: torch.Tensor, v: torch.Tensor):
+        """Write block i's (B, H, n, hd) keys/values at the current end."""
+        if self.k is None:
+            B, H, _, hd = k.shape
+            self.k = k.new_zeros(self.depth, B, H, self.max_len, hd)
+            self.v = torch.zeros_like(self.k)
+        n = k.shape[2]
+        if self.len + n > self.max_len:
+            raise ValueError(f"KV cache full: {self.len} + {n} > {self.max_len} tokens")
+        self.k[i, :, :, self.len:self.len + n] = k
+        self.v[i, :, :, self.len:self.len + n] = v
+
+    def commit(self, valid: torch.Tensor, modality: torch.Tensor):
+        """Advance the end past the (B, n) tokens just written to every block."""
+        self.valid = valid if self.valid is None else torch.cat([self.valid, valid], 1)
+        self.modality = modality if self.modality is None else torch.cat([self.modality, modality], 1)
+        self.len += valid.shape[1]
+
+    def select(self, rows: torch.Tensor):
+        """Keep only these batch rows (e.g. drop the CFG rows once they are no longer needed)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.valid, self.modality = self.valid[rows], self.modality[rows]
+
+    def prefix(self, i: int):
+        return self.k[i, :, :, :self.len], self.v[i, :, :, :self.len]
+
+    def mask(self, n: int, bidir: bool, hide_rep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, n, len + n) for n new tokens: every valid cached key, then the new tokens
+        causally (bidir=False) or all of them (a bidirectional block). hide_rep (B,) drops
+        REP-type cached keys for those rows (the CFG drop of the rep sequence)."""
+        B = self.valid.shape[0]
+        old = self.valid
+        if hide_rep is not None:
+            old = old & ~((self.modality == REP) & hide_rep[:, None].to(old.device))
+        old = old[:, None, :].expand(B, n, self.len)
+        new = torch.ones(n, n, dtype=torch.bool, device=old.device)
+        new = new if bidir else new.tril()
+        return torch.cat([old, new.expand(B, n, n)], dim=2)[:, None]
+
+
 class MoT(nn.Module):
     """The decoder trunk: embeddings in, hidden states out (heads live in model.py)."""
 
@@ -176,18 +231,17 @@ class MoT(nn.Module):
         self.blocks = nn.ModuleList(MoTBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.ModuleList(RMSNorm(cfg.dim) for _ in range(N_EXPERTS))  # final norm per modality
 
-    def forward(self, x, modality, pos, mask, cache=None, return_kv: bool = False):
-        """x (B, L, D) embedded tokens; modality, pos (B, L); mask (B, 1, L, P+L).
-        cache: optional list (one per block) of (k, v) prefixes (B, H, P, hd).
-        Returns hidden (B, L, D) after the per-modality final norm, and the per-block
-        (k, v) of these L tokens when return_kv."""
+    def forward(self, x, modality, pos, mask, cache: KVCache | None = None, write: bool = False):
+        """x (B, L, D) embedded tokens; modality, pos (B, L); mask (B, 1, L, P + L)
+        where P is the cached prefix length (0 without a cache).
+        With `write`, these L tokens' keys/values are appended to `cache` (the caller
+        then calls cache.commit). Returns hidden (B, L, D) after the per-modality final norm."""
         routing = Routing(modality)
         cos, sin = rope_cos_sin(pos, self.cfg.dim // self.cfg.heads, self.cfg.rope_base)
-        kvs = []
         for i, blk in enumerate(self.blocks):
-            x, kv = blk(x, routing, cos, sin, mask, None if cache is None else cache[i])
-            if return_kv:
-                kvs.append(kv)
+            prefix = cache.prefix(i) if cache is not None and cache.len else None
+            x, (k, v) = blk(x, routing, cos, sin, mask, prefix)
+            if write:
+                cache.append(i, k, v)
         B, L, D = x.shape
-        x = routing.apply(self.norm, x.reshape(B * L, D), D).view(B, L, D)
-        return (x, kvs) if return_kv else x
+        return routing.apply(self.norm, x.reshape(B * L, D), D).view(B, L, D)

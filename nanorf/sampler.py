@@ -24,6 +24,7 @@ import torch
 
 from .flow import ode_step, resolution_shift, time_grid, velocity
 from .model import RFModel, unpatchify
+from .mot import PIX, REP, UND, KVCache
 
 
 def sample_logits(logits: torch.Tensor, top_k: int = 0, temperature: float = 1.0,
@@ -95,14 +96,100 @@ def sample_pixels(model: RFModel, prompts: list[list[int]], codes: torch.Tensor 
     return unpatchify(z, cfg.patch_size, g, g).clamp(-1, 1)
 
 
+# ---- the fast path: KV cache for the prefix, cached prefix for every ODE step -----------------
+
+def _step(model: RFModel, cache: KVCache, x, modality: int, pos, mask, write: bool):
+    """Run n new embedded tokens (B, n, D) of one type against the cache; optionally append them."""
+    B, n, _ = x.shape
+    mod = torch.full((B, n), modality, dtype=torch.long, device=x.device)
+    h = model.mot(x, mod, pos.expand(B, n), mask.to(x.device), cache=cache, write=write)
+    if write:
+        cache.commit(torch.ones(B, n, dtype=torch.bool, device=x.device), mod)
+    return h
+
+
 @torch.no_grad()
-def text_to_image(model: RFModel, prompts: list[str], generator=None, **overrides):
+def sample_cached(model: RFModel, prompts: list[list[int]], opt: dict, generator=None):
+    """Same distribution and, for the same generator, the same draws as the reference
+    path (rep tokens, then pixels), with each token and each prefix computed once.
+
+    The conditional and unconditional branches are the two halves of one 2B batch,
+    each row with its own cache entries: cond rows hold the prompt, uncond rows an
+    empty prompt, and both the same sampled rep tokens, which the uncond rows' pixel
+    block may not see (hide_rep), exactly as the reference's drop_rep mask."""
+    cfg, tok = model.cfg, model.tok
+    dev = next(model.parameters()).device
+    B, N, M, P = len(prompts), model.n_rep, model.n_pix, cfg.patch_size ** 2 * 3
+    rep_guided, pix_guided = opt["cfg_rep"] != 1.0, opt["cfg_pix"] != 1.0
+    two = rep_guided or pix_guided
+    batch = prompts + [[] for _ in prompts] if two else prompts
+    R = len(batch)
+    hide = torch.tensor([False] * B + [True] * B if two else [False] * B, device=dev)
+
+    # prefill: [PAD..] [BOS] prompt ([BOR] with rf)
+    lay = model.gen_layout(batch, 0, 0)
+    cache = KVCache(cfg.mot.depth, lay.tokens.shape[1] + N + 1)
+    h = model.mot(model.embed(lay), lay.modality.to(dev), lay.pos.to(dev), lay.mask().to(dev),
+                  cache=cache, write=True)
+    cache.commit(lay.valid.to(dev), lay.modality.to(dev))
+    pos = lay.pos[:, -1:].to(dev) + 1                                              # (R, 1) next position
+
+    codes = None
+    if cfg.rf:
+        codes = torch.zeros(R, N, dtype=torch.long, device=dev)
+        last = h[:, -1]                                                            # [BOR]'s hidden (R, D)
+        for i in range(N):
+            logits = model.rep_head(last).float()                                  # (R, K)
+            if rep_guided:
+                logits = logits[B:] + opt["cfg_rep"] * (logits[:B] - logits[B:])
+            nxt = sample_logits(logits[:B], opt["top_k"], opt["temperature"], generator)
+            codes[:, i] = torch.cat([nxt, nxt]) if two else nxt
+            h = _step(model, cache, model.embed_rep(codes[:, i:i + 1], i), REP, pos,
+                      cache.mask(1, bidir=False), write=True)
+            last, pos = h[:, -1], pos + 1
+    # [BOP]: causal, of the pixel expert; in the uncond rows it cannot see the rep tokens
+    bop = model.tok_emb(torch.full((R, 1), tok.bop, device=dev))
+    _step(model, cache, bop, PIX, pos, cache.mask(1, bidir=False, hide_rep=hide), write=True)
+    pos = pos + 1
+    if two and not pix_guided:  # guidance on the rep logits only: drop the uncond rows now
+        cache.select(torch.arange(B, device=dev))
+        hide, pos, R = hide[:B], pos[:B], B
+
+    # the pixel ODE: each evaluation runs only the M pixel tokens against the fixed prefix
+    shift = opt["shift"] or resolution_shift(cfg.image_size)
+    z = torch.randn(B, M, P, generator=generator).to(dev) * cfg.flow.noise_scale
+    pix_mask = cache.mask(M, bidir=True, hide_rep=hide)
+
+    def v_fn(z, t):
+        zz = torch.cat([z, z]) if pix_guided else z
+        tt = torch.full((R,), t, device=dev)
+        h = _step(model, cache, model.embed_pix(zz, tt), PIX, pos, pix_mask, write=False)
+        v = velocity(model.pix_head(h).float(), zz, tt, 1e-6)
+        if not pix_guided:
+            return v
+        w = opt["cfg_pix"] if opt["cfg_interval"][0] <= t <= opt["cfg_interval"][1] else 1.0
+        return v[B:] + w * (v[:B] - v[B:])
+
+    ts = time_grid(opt["steps"], shift).tolist()
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        z = ode_step(v_fn, z, t0, t1, opt["solver"])
+    g = cfg.grid
+    return unpatchify(z, cfg.patch_size, g, g).clamp(-1, 1), (None if codes is None else codes[:B])
+
+
+SAMPLING_FIELDS = ("steps", "solver", "shift", "cfg_pix", "cfg_rep", "cfg_interval", "top_k", "temperature")
+
+
+@torch.no_grad()
+def text_to_image(model: RFModel, prompts: list[str], generator=None, kv_cache: bool = True, **overrides):
     """Prompts -> (images (B, 3, H, W) in [-1, 1], rep codes (B, N) or None).
-    overrides: any FlowConfig sampling field (steps, cfg_pix, cfg_rep, top_k, ...)."""
+    kv_cache=False runs the uncached reference path. overrides: any FlowConfig
+    sampling field (steps, cfg_pix, cfg_rep, top_k, ...)."""
     f = model.cfg.flow
-    opt = {k: overrides.get(k, getattr(f, k)) for k in
-           ("steps", "solver", "shift", "cfg_pix", "cfg_rep", "cfg_interval", "top_k", "temperature")}
+    opt = {k: overrides.get(k, getattr(f, k)) for k in SAMPLING_FIELDS}
     ids = [model.tok.encode(p, model.cfg.max_text_len) for p in prompts]
+    if kv_cache:
+        return sample_cached(model, ids, opt, generator)
     codes = None
     if model.cfg.rf:
         codes = sample_rep_tokens(model, ids, opt["cfg_rep"], opt["top_k"], opt["temperature"], generator)
@@ -113,24 +200,41 @@ def text_to_image(model: RFModel, prompts: list[str], generator=None, **override
 
 @torch.no_grad()
 def answer(model: RFModel, images: torch.Tensor, questions: list[str], max_new_tokens: int = 72,
-           top_k: int = 0, temperature: float = 0.0, generator=None) -> list[str]:
-    """Image -> text. images (B, 3, H, W) in [-1, 1]; greedy when temperature is 0."""
+           top_k: int = 0, temperature: float = 0.0, generator=None, kv_cache: bool = True) -> list[str]:
+    """Image -> text. images (B, 3, H, W) in [-1, 1]; greedy when temperature is 0.
+    With kv_cache the image and question are prefilled once and each answer byte costs
+    one token's forward; without it every byte re-runs the whole sequence (reference)."""
     tok = model.tok
     qs = [model.question_ids(q) for q in questions]
+    B, dev = len(qs), images.device
     outs: list[list[int]] = [[] for _ in qs]
-    done = [False] * len(qs)
-    for _ in range(max_new_tokens):
-        logits, lay = model.und_forward(images, qs, outs, eos=False)
-        last = lay.valid.sum(1) - 1                                                # (B,) last real column
-        nxt = sample_logits(logits[torch.arange(len(qs)), last.to(logits.device)], top_k, temperature, generator)
+    done = [False] * B
+    rows = torch.arange(B, device=dev)
+    if kv_cache:  # prefill [BOS][BOI] v [EOI] question, right-padded
+        lay = model.und_layout(qs, [[] for _ in qs], eos=False)
+        cache = KVCache(model.cfg.mot.depth, lay.tokens.shape[1] + max_new_tokens)
+        x = model.embed(lay, vit_tokens=model.vit_tokens(images))
+        h = model.mot(x, lay.modality.to(dev), lay.pos.to(dev), lay.mask().to(dev), cache=cache, write=True)
+        cache.commit(lay.valid.to(dev), lay.modality.to(dev))
+        last = (lay.valid.sum(1) - 1).to(dev)                                      # (B,) last real column
+        pos = lay.pos.to(dev)[rows, last][:, None] + 1                              # (B, 1)
+        logits = model.lm_head(h[rows, last])
+    for step in range(max_new_tokens):
+        if not kv_cache:
+            full, lay = model.und_forward(images, qs, outs, eos=False)
+            logits = full[rows, (lay.valid.sum(1) - 1).to(dev)]
+        nxt = sample_logits(logits, top_k, temperature, generator)                 # (B,)
         for b, c in enumerate(nxt.tolist()):
             if not done[b]:
                 if c == tok.eos or c >= tok.n_bytes:
                     done[b] = True
                 else:
                     outs[b].append(c)
-        if all(done):
+        if all(done) or step == max_new_tokens - 1:
             break
+        if kv_cache:  # finished rows keep decoding into the void; their bytes are ignored
+            h = _step(model, cache, model.tok_emb(nxt[:, None]), UND, pos, cache.mask(1, bidir=False), write=True)
+            logits, pos = model.lm_head(h[:, 0]), pos + 1
     return [tok.decode(o) for o in outs]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanorf.mot import (PAD, PIX, REP, UND, MoT, MoTBlock, Routing, apply_rope, attention_mask,
+from nanorf.mot import (KVCache, PAD, PIX, REP, UND, MoT, MoTBlock, Routing, apply_rope, attention_mask,
                         rope_cos_sin)
 from nanorf.config import MoTConfig
 from nanorf.model import build_layout
@@ -423,6 +423,15 @@ def test_mot_forward_kv_cache_matches_full_pass():
     full_mask = attention_mask(seg, torch.zeros_like(valid), torch.zeros_like(valid), valid, mod)
     x = torch.randn(1, L, 32)
     full = mot(x, mod, pos, full_mask)
-    _, kvs = mot(x[:, :P], mod[:, :P], pos[:, :P], full_mask[..., :P, :P], return_kv=True)
-    tail = mot(x[:, P:], mod[:, P:], pos[:, P:], full_mask[..., P:, :], cache=kvs)
+    cache = KVCache(cfg.depth, L)
+    mot(x[:, :P], mod[:, :P], pos[:, :P], full_mask[..., :P, :P], cache=cache, write=True)
+    cache.commit(valid[:, :P], mod[:, :P])
+    tail = mot(x[:, P:], mod[:, P:], pos[:, P:], full_mask[..., P:, :], cache=cache)
     assert torch.allclose(tail, full[:, P:], atol=1e-5)
+    # and one token at a time, each appended, equals the full pass too
+    cache = KVCache(cfg.depth, L)
+    for j in range(L):
+        out = mot(x[:, j:j + 1], mod[:, j:j + 1], pos[:, j:j + 1], cache.mask(1, False) if j else
+                  full_mask[..., :1, :1], cache=cache, write=True)
+        cache.commit(valid[:, j:j + 1], mod[:, j:j + 1])
+        assert torch.allclose(out, full[:, j:j + 1], atol=1e-5), j

@@ -1,0 +1,214 @@
+"""Benchmark: training throughput against the machine's matmul ceiling, and the fast
+sampler against the reference one, measured side by side in one run.
+
+    python -m nanorf.bench              # everything (a few minutes on 2 CPU cores)
+    python -m nanorf.bench --quick      # fewer repeats, smaller 1024-px probe
+
+FLOPs are counted analytically from the shapes of the actual padded batch (matmuls
+and attention only, 2 FLOPs per multiply-add, backward = 2x forward), so the model
+FLOPs utilisation (MFU) is "useful FLOPs / second / the measured matmul ceiling".
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from .config import apply_overrides, get_config
+from .model import RFModel, RepresentationTargets
+from .mot import PIX, KVCache
+from .sampler import _step, text_to_image
+
+
+def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
+    """Best-of-`repeat` wall-clock seconds of fn() (best-of resists a noisy shared machine)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_ceiling(n: int = 2048, dtype=torch.float32, device="cpu") -> float:
+    """GFLOP/s of an n x n matmul: the roof the training step is measured against."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+
+    def mm():
+        for _ in range(4):
+            a @ b
+        sync()
+    return 4 * 2 * n ** 3 / timeit(mm) / 1e9
+
+
+def trunk_flops(tokens: int, seq_len: int, dim: int, depth: int, hidden: int) -> float:
+    """Forward FLOPs of `tokens` tokens through the MoT trunk, in sequences of seq_len
+    (each token's FFN is one expert's: routing adds no FLOPs)."""
+    proj = 2 * (4 * dim * dim + 3 * dim * hidden)       # q, k, v, o and the SwiGLU FFN
+    attn = 2 * 2 * seq_len * dim                         # q.k and attn.v over seq_len keys
+    return tokens * depth * (proj + attn)
+
+
+def vit_flops(images: int, cfg) -> float:
+    v = cfg.vit
+    n = (cfg.image_size // v.patch_size) ** 2 + 1 + v.n_storage_tokens
+    per = 2 * (4 * v.dim * v.dim + 2 * v.dim * int(v.dim * v.mlp_ratio)) + 4 * n * v.dim
+    return images * (n * v.depth * per + 2 * (cfg.image_size ** 2) * 3 * v.dim)
+
+
+def train_step_flops(cfg, gen_len: int, und_len: int) -> float:
+    """Useful FLOPs of one training step (fwd + bwd) on the configured global batch."""
+    m, t = cfg.model, cfg.train
+    D, depth = m.mot.dim, m.mot.depth
+    hidden = int(D * m.mot.mlp_ratio * 2 / 3) // 8 * 8
+    P, K = m.patch_size ** 2 * 3, m.vq.codebook_size
+    n_rep = (m.rep_grid ** 2) if m.rf else 0
+    gen = trunk_flops(t.batch_size * gen_len, gen_len, D, depth, hidden)
+    gen += t.batch_size * (m.grid ** 2) * 2 * 2 * P * D                 # pixel embed + head
+    gen += t.batch_size * n_rep * 2 * D * K                             # rep head
+    und = trunk_flops(t.und_batch_size * und_len, und_len, D, depth, hidden)
+    und += t.und_batch_size * und_len * 2 * D * 264                     # LM head (upper bound: every token)
+    und += vit_flops(t.und_batch_size, m)
+    targets = vit_flops(t.batch_size, m) if m.rf else 0                  # EMA encoder, forward only
+    return 3 * (gen + und) + targets
+
+
+def bench_train(name: str, overrides=(), repeat: int = 3) -> dict:
+    """Time full training steps (targets + forward + backward + AdamW) of a preset."""
+    from train import Stream, make_optimizer
+    cfg = get_config(name)
+    apply_overrides(cfg, list(overrides))
+    torch.manual_seed(0)
+    model = RFModel(cfg.model)
+    targets = RepresentationTargets(cfg.model, model.vit) if cfg.model.rf else None
+    opt = make_optimizer(model, cfg.train)
+    stream, t = Stream(cfg), cfg.train
+    draws = stream.draws(0, model.n_pix, cfg.model.patch_size ** 2 * 3)
+    prompts, images = stream.gen_items(0, range(t.batch_size))
+    qs, ans, uimages = stream.und_items(0, range(t.und_batch_size))
+    gen = {"prompts": [model.tok.encode(p) for p in prompts], "images": images, "t": draws["t"],
+           "eps": draws["eps"], "drop_text": draws["drop_text"], "drop_rep": draws["drop_rep"]}
+    und = {"images": uimages, "questions": [model.question_ids(q) for q in qs],
+           "answers": [model.tok.encode(a) for a in ans]}
+    gen_len = model.gen_layout(gen["prompts"], model.n_rep, model.n_pix).tokens.shape[1]
+    und_len = model.und_layout(und["questions"], und["answers"]).tokens.shape[1]
+
+    def step():
+        gen["codes"] = targets(images) if targets is not None else None
+        loss, _ = model(gen, und)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sec = timeit(step, repeat)
+    flops = train_step_flops(cfg, gen_len, und_len)
+    tokens = t.batch_size * gen_len + t.und_batch_size * und_len
+    return {"name": name, "sec": sec, "tokens_s": tokens / sec, "gflops": flops / sec / 1e9,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def bench_sampling(model: RFModel, prompts, steps: int, repeat: int = 2) -> dict:
+    """Seconds per image, cached and uncached, same seed, same outputs."""
+    run = lambda cache: text_to_image(model, prompts, torch.Generator().manual_seed(0), kv_cache=cache,
+                                      steps=steps)
+    cached = timeit(lambda: run(True), repeat)
+    ref = timeit(lambda: run(False), max(1, repeat - 1), warmup=0)
+    return {"cached": cached / len(prompts), "uncached": ref / len(prompts), "ratio": ref / cached}
+
+
+def paper1024_probe(dim: int, depth: int, quick: bool) -> dict:
+    """The paper's 1024-px token counts (1,024 rep tokens, 4,096 pixel patches) on a narrow
+    random model: rep decoding cached vs uncached, and one cached diffusion step against a
+    forward over the pixel block alone."""
+    cfg = get_config("paper1024")
+    apply_overrides(cfg, [f"model.mot.dim={dim}", f"model.mot.depth={depth}", f"model.mot.heads={max(1, dim // 32)}",
+                          "model.vit.dim=64", "model.vit.depth=1", "model.vit.heads=1", "model.vq.codebook_size=1024"])
+    torch.manual_seed(0)
+    m = RFModel(cfg.model).eval()
+    out = {"n_rep": m.n_rep, "n_pix": m.n_pix, "dim": dim, "depth": depth}
+    prompt = [m.tok.encode("a red circle at the top left")]
+    n_dec = 64 if quick else 256  # rep tokens decoded uncached; the rest is extrapolated (it grows ~linearly per token)
+    from .sampler import sample_rep_tokens
+    with torch.no_grad():
+        # cached: all 1,024 tokens
+        t0 = time.perf_counter()
+        lay = m.gen_layout(prompt, 0, 0)
+        cache = KVCache(depth, lay.tokens.shape[1] + m.n_rep + 1)
+        m.mot(m.embed(lay), lay.modality, lay.pos, lay.mask(), cache=cache, write=True)
+        cache.commit(lay.valid, lay.modality)
+        pos = lay.pos[:, -1:] + 1
+        codes = torch.zeros(1, m.n_rep, dtype=torch.long)
+        for i in range(m.n_rep):
+            _step(m, cache, m.embed_rep(codes[:, i:i + 1], i), 1, pos + i, cache.mask(1, bidir=False), write=True)
+        out["decode_cached_s"] = time.perf_counter() - t0
+        # uncached: the reference sampler's cost for token i is one forward over i tokens
+        t0 = time.perf_counter()
+        m.n_rep = n_dec
+        sample_rep_tokens(m, prompt, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
+        part = time.perf_counter() - t0
+        m.n_rep = out["n_rep"]
+        # cost of the forwards over prefixes n_dec+1 .. 1024 scales with their summed length
+        L0 = lay.tokens.shape[1]
+        full = sum(L0 + i for i in range(out["n_rep"]))
+        done = sum(L0 + i for i in range(n_dec))
+        out["decode_uncached_s"] = part * full / done
+        out["decode_uncached_measured_tokens"] = n_dec
+        # [BOP], then one diffusion step with and without the prefix
+        _step(m, cache, m.tok_emb(torch.full((1, 1), m.tok.bop)), PIX, pos + m.n_rep, cache.mask(1, False), True)
+        z = torch.randn(1, m.n_pix, cfg.model.patch_size ** 2 * 3)
+        t = torch.full((1,), 0.5)
+        pix_pos = pos + m.n_rep + 1
+        mask = cache.mask(m.n_pix, bidir=True)
+        step_cached = timeit(lambda: m.pix_head(_step(m, cache, m.embed_pix(z, t), PIX, pix_pos, mask, False)), 2)
+        pix_only = lambda: m.pix_head(m.mot(m.embed_pix(z, t), torch.full((1, m.n_pix), PIX), pix_pos.expand(1, m.n_pix),
+                                            torch.ones(1, 1, m.n_pix, m.n_pix, dtype=torch.bool)))
+        step_alone = timeit(pix_only, 2)
+        codes_full = torch.zeros(1, m.n_rep, dtype=torch.long)
+        step_uncached = timeit(lambda: m.gen_forward(prompt, codes_full, z, t), 1)
+    out.update(step_cached_s=step_cached, step_pixels_alone_s=step_alone, step_uncached_s=step_uncached)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="nanorf throughput benchmark (prints ratios measured in one run).")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and a shorter uncached decode probe")
+    p.add_argument("--steps", type=int, default=25, help="ODE steps for the toy sampling benchmark")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rep = 2 if args.quick else 3
+    ceiling = matmul_ceiling()
+    print(f"machine: {torch.get_num_threads()} threads, float32 2048^2 matmul ceiling {ceiling:.1f} GFLOP/s")
+    for name, ov in (("toy", ()), ("small", ("train.batch_size=32", "train.und_batch_size=16"))):
+        r = bench_train(name, ov, rep)
+        print(f"train {name:6s} ({r['params_m']:.1f}M params{', ' + ' '.join(ov) if ov else ''}): "
+              f"{r['sec']:.3f} s/step, {r['tokens_s']:.0f} tokens/s, {r['gflops']:.1f} GFLOP/s = "
+              f"{100 * r['gflops'] / ceiling:.0f}% of the matmul ceiling (MFU)")
+    cfg = get_config("toy")
+    torch.manual_seed(0)
+    toy = RFModel(cfg.model).eval()
+    prompts = ["a red circle at the top left and a blue square at the center"] * 8
+    s = bench_sampling(toy, prompts, args.steps, rep)
+    print(f"sample toy, {args.steps} steps, CFG on, batch {len(prompts)}: cached {s['cached'] * 1e3:.1f} ms/image, "
+          f"uncached {s['uncached'] * 1e3:.1f} ms/image, speed-up {s['ratio']:.1f}x")
+    r = paper1024_probe(64, 2, args.quick)
+    print(f"paper 1024-px token counts ({r['n_rep']} rep tokens, {r['n_pix']} pixel patches; random model, "
+          f"dim {r['dim']}, depth {r['depth']}, batch 1, no CFG):")
+    print(f"  decode {r['n_rep']} rep tokens: cached {r['decode_cached_s']:.1f}s, uncached {r['decode_uncached_s']:.1f}s "
+          f"(measured on the first {r['decode_uncached_measured_tokens']}, scaled by summed length), "
+          f"speed-up {r['decode_uncached_s'] / r['decode_cached_s']:.1f}x")
+    print(f"  one diffusion step: cached {r['step_cached_s']:.3f}s, uncached {r['step_uncached_s']:.3f}s, "
+          f"pixel block alone {r['step_pixels_alone_s']:.3f}s -> cached / pixels-alone = "
+          f"{r['step_cached_s'] / r['step_pixels_alone_s']:.2f}")
+    per_img_c = r["decode_cached_s"] + 25 * r["step_cached_s"]
+    per_img_u = r["decode_uncached_s"] + 25 * r["step_uncached_s"]
+    print(f"  per image at 25 steps: cached {per_img_c:.1f}s, uncached {per_img_u:.1f}s, speed-up {per_img_u / per_img_c:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The fast sampler (KV cache, cached prefix for every ODE step) against the reference path."""
+
+import pytest
+import torch
+
+from nanorf.mot import PIX, KVCache
+from nanorf.sampler import _step, answer, text_to_image
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PROMPTS = ["a red circle at the top left and a blue", "a green triangle"]  # tiny model: <= 40 bytes
+
+
+@pytest.mark.parametrize("rf", [True, False])
+@pytest.mark.parametrize("guidance", [dict(), dict(cfg_pix=1.0), dict(cfg_rep=1.0), dict(cfg_pix=1.0, cfg_rep=1.0),
+                                      dict(top_k=3, solver="heun", cfg_interval=(0.2, 0.8))])
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS])
+def test_cached_sampling_equals_reference(tiny_model, rf, guidance, prompts):
+    m = tiny_model() if rf else tiny_model("model.rf=false")
+    kw = dict(steps=4, temperature=1.0, **guidance)
+    a, ca = text_to_image(m, prompts, torch.Generator().manual_seed(3), kv_cache=True, **kw)
+    b, cb = text_to_image(m, prompts, torch.Generator().manual_seed(3), kv_cache=False, **kw)
+    if rf:
+        assert torch.equal(ca, cb)
+        assert ca.shape == (len(prompts), m.n_rep)
+    else:
+        assert ca is None and cb is None
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    # the pictures are not trivially equal (e.g. all clamped): the model's output moves with the seed
+    c, _ = text_to_image(m, prompts, torch.Generator().manual_seed(4), kv_cache=True, **kw)
+    assert not torch.allclose(a, c, atol=1e-3)
+
+
+def test_cached_diffusion_step_equals_full_forward(tiny_model):
+    """One ODE evaluation against the cached prefix equals gen_forward over the whole sequence,
+    for the cond rows and for the uncond rows with the rep sequence hidden."""
+    m = tiny_model()
+    tok = m.tok
+    prompts = [tok.encode(PROMPTS[0]), []]
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, m.cfg.vq.codebook_size, (2, m.n_rep), generator=g)
+    z = torch.randn(2, m.n_pix, m.cfg.patch_size ** 2 * 3, generator=g)
+    t = torch.tensor([0.3, 0.3])
+    hide = torch.tensor([False, True])
+    _, full = m.gen_forward(prompts, codes, z, t, hide)
+    # build the cache: prefill [BOS] prompt [BOR] r_1..r_N [BOP], then the pixel block alone
+    lay = m.gen_layout(prompts, m.n_rep, m.n_pix)
+    n_pre = lay.pix_cols.start
+    x = m.embed(lay, codes=codes, z=z, t=t)
+    cache = KVCache(m.cfg.mot.depth, n_pre)
+    mask = lay.mask(hide)[:, :, :n_pre, :n_pre]
+    m.mot(x[:, :n_pre], lay.modality[:, :n_pre], lay.pos[:, :n_pre], mask, cache=cache, write=True)
+    cache.commit(lay.valid[:, :n_pre], lay.modality[:, :n_pre])
+    before = cache.k.clone()
+    pos = lay.pos[:, n_pre:n_pre + 1]
+    h = _step(m, cache, m.embed_pix(z, t), PIX, pos, cache.mask(m.n_pix, bidir=True, hide_rep=hide), write=False)
+    assert torch.allclose(m.pix_head(h), full, atol=1e-5)
+    assert cache.len == n_pre and torch.equal(cache.k, before)  # the step wrote nothing
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(top_k=5, temperature=1.0)])
+def test_cached_text_generation_equals_reference(tiny_model, sampling):
+    m = tiny_model()
+    imgs = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    qs = ["what color is the circle?", "describe the image.", "where?"]  # different lengths
+    a = answer(m, imgs, qs, max_new_tokens=10, generator=torch.Generator().manual_seed(1), kv_cache=True, **sampling)
+    b = answer(m, imgs, qs, max_new_tokens=10, generator=torch.Generator().manual_seed(1), kv_cache=False, **sampling)
+    assert a == b
+    assert any(a)  # something was generated
+
+
+def test_kv_cache_overflow_raises():
+    c = KVCache(1, 2)
+    k = torch.zeros(1, 1, 3, 4)
+    with pytest.raises(ValueError, match="KV cache full"):
+        c.append(0, k, k)
