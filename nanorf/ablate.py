@@ -1,0 +1,119 @@
+"""The paper's central ablation in miniature: RF vs pixel-only (Table 3a), same budget.
+
+    python -m nanorf.ablate                          # rf and no-rf, seeds 0 and 1, toy preset
+    python -m nanorf.ablate --seeds 0 1 2 --max-steps 700 --out-dir out/ablate
+
+Each variant x seed is one `train.py` run in its own process (so every run has the
+machine to itself and its wall-clock is honest), then `nanorf.eval` scores it on the
+same held-out prompts and images. A run whose checkpoint already reached the budget is
+reused, so an interrupted ablation picks up where it stopped. Writes
+<out-dir>/results.md (the table, mean +- spread over seeds), results.json, and
+grid.png (the same prompts, one row per variant, seed 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS = {"rf": [], "no-rf": ["--no-rf"]}
+# the paper's numbers beside ours (Table 3a, pixel space, GenEval overall)
+PAPER = {"rf": 0.76, "no-rf": 0.25}
+GEN_KEYS = ("single", "two", "colors", "position", "color_attr", "overall", "object", "exact")
+UND_KEYS = ("color", "shape", "position", "caption")
+
+
+def run(cmd, log):
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        sys.exit(f"nanorf.ablate: error: {' '.join(cmd)} failed (exit {r.returncode}); see {log}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train and score RF vs pixel-only with the same budget.")
+    p.add_argument("--config", default="toy", help="preset to train (default: toy)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds per variant")
+    p.add_argument("--max-steps", type=int, default=None, help="steps per run (default: the preset's)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="variants to run")
+    p.add_argument("--n", type=int, default=64, help="held-out prompts and images to score")
+    p.add_argument("--out-dir", default="out/ablate", help="where runs, table and grid go")
+    args = p.parse_args(argv)
+    from nanorf.checkpoint import load_checkpoint
+    from nanorf.config import get_config
+    steps = args.max_steps or get_config(args.config).train.max_steps
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for v in args.variants:
+        for seed in args.seeds:
+            d = out / f"{v}-s{seed}"
+            ck = d / "ckpt.pt"
+            done = ck.exists() and load_checkpoint(ck)["step"] >= steps
+            wall = None
+            if not done:
+                t0 = time.time()
+                run([sys.executable, "train.py", "--config", args.config, "--out-dir", str(d), "--seed", str(seed),
+                     "--max-steps", str(steps), "--eval-prompts", "0", *VARIANTS[v]], out / f"{v}-s{seed}.train.log")
+                wall = time.time() - t0
+                (d / "wall.txt").write_text(f"{wall:.0f}\n")
+            elif (d / "wall.txt").exists():
+                wall = float((d / "wall.txt").read_text())
+            run([sys.executable, "-m", "nanorf.eval", "--ckpt", str(ck), "--n", str(args.n), "--json",
+                 str(d / "eval.json")], out / f"{v}-s{seed}.eval.log")
+            r = json.loads((d / "eval.json").read_text())
+            r["wall_s"] = wall
+            results[(v, seed)] = r
+            print(f"{v} seed {seed}: object {r['generation']['object']:.3f}, overall {r['generation']['overall']:.3f}"
+                  + (f", {wall:.0f}s" if wall else ""), flush=True)
+    write_table(results, args, steps, out)
+    write_grid(args, out)
+
+
+def write_table(results, args, steps, out: Path):
+    def cell(v, group, key):
+        xs = [results[(v, s)][group][key] for s in args.seeds]
+        return f"{np.mean(xs):.3f} ± {(max(xs) - min(xs)) / 2:.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+    lines = [f"Shapes world, `{args.config}` preset, {steps} steps, seeds {args.seeds}, {args.n} held-out prompts "
+             f"and images; mean ± half the range over seeds.", "",
+             "| variant | paper GenEval (Table 3a) | " + " | ".join(GEN_KEYS) + " | wall-clock per run |",
+             "|---|---|" + "---|" * (len(GEN_KEYS) + 1)]
+    for v in args.variants:
+        walls = [results[(v, s)]["wall_s"] for s in args.seeds if results[(v, s)]["wall_s"]]
+        wall = f"{np.mean(walls) / 60:.1f} min" if walls else "n/a"
+        lines.append(f"| {v} | {PAPER[v]:.2f} | " + " | ".join(cell(v, "generation", k) for k in GEN_KEYS)
+                     + f" | {wall} |")
+    lines += ["", "| variant (understanding, exact match) | " + " | ".join(UND_KEYS) + " |",
+              "|---|" + "---|" * len(UND_KEYS)]
+    for v in args.variants:
+        lines.append(f"| {v} | " + " | ".join(cell(v, "understanding", k) for k in UND_KEYS) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({f"{v}-s{s}": r for (v, s), r in results.items()}, indent=1))
+    print("\n".join(lines))
+
+
+def write_grid(args, out: Path):
+    """Seed-0 checkpoints of each variant on the same 8 held-out prompts, one row each."""
+    import torch
+    from nanorf.checkpoint import load_model
+    from nanorf.data import held_out_prompts
+    from nanorf.model import tensor_to_images
+    from nanorf.sampler import save_grid, text_to_image
+    rows, prompts = [], None
+    for v in args.variants:
+        model, cfg, _ = load_model(out / f"{v}-s{args.seeds[0]}" / "ckpt.pt")
+        prompts = prompts or [p for p, _ in held_out_prompts(8, size=cfg.model.image_size)]
+        x, _ = text_to_image(model, prompts, torch.Generator().manual_seed(0))
+        rows += tensor_to_images(x)
+    save_grid(rows, out / "grid.png", ncol=len(prompts), scale=4)
+    (out / "grid.txt").write_text("rows: " + ", ".join(args.variants) + "\n" + "\n".join(prompts) + "\n")
+
+
+if __name__ == "__main__":
+    main()
