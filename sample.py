@@ -39,6 +39,11 @@ def parse_args(argv=None):
     p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver")
     p.add_argument("--cfg-pix", type=float, default=None, help="pixel guidance w_pix (paper 3.0; 1 = off)")
     p.add_argument("--cfg-rep", type=float, default=None, help="rep-token logit guidance w_rep (paper 2.0; 1 = off)")
+    p.add_argument("--cfg-mode", choices=("joint", "split"), default=None,
+                   help="pixel guidance formula: joint (paper) or split (separate weight for the rep plan)")
+    p.add_argument("--cfg-pix-rep", type=float, default=None, help="with --cfg-mode split: weight of the rep plan")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("T0", "T1"),
+                   help="apply pixel guidance only for t in [T0, T1] (t = 1 is clean)")
     p.add_argument("--top-k", type=int, default=None, help="rep-token top-k (0 = all codes)")
     p.add_argument("--temperature", type=float, default=None, help="rep-token temperature")
     p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together")
@@ -119,7 +124,9 @@ def main(argv=None):
         return
 
     overrides = {k: v for k, v in (("steps", args.steps), ("solver", args.solver), ("cfg_pix", args.cfg_pix),
-                                   ("cfg_rep", args.cfg_rep), ("top_k", args.top_k),
+                                   ("cfg_rep", args.cfg_rep), ("top_k", args.top_k), ("cfg_mode", args.cfg_mode),
+                                   ("cfg_pix_rep", args.cfg_pix_rep),
+                                   ("cfg_interval", tuple(args.cfg_interval) if args.cfg_interval else None),
                                    ("temperature", args.temperature)) if v is not None}
     for p in prompts:  # check every prompt before sampling any
         try:

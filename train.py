@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="base learning rate")
     p.add_argument("--per-modality-attention", action="store_true",
                    help="BAGEL's MoT variant: separate q/k/v/o and norms per modality")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (MoT and ViT); sequence assembly stays eager")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts scored at the end (0 = skip)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -215,7 +216,9 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
             log(f"resumed from {ckpt_path} at step {step}")
     stream = Stream(cfg)
     ddp = DDP(model) if world > 1 else model
-    fwd = torch.compile(ddp) if t.compile else ddp
+    if t.compile:  # blocks, not the whole forward: sequence assembly is Python lists and would break graphs
+        for blk in list(model.mot.blocks) + list(model.vit.blocks):
+            blk.compile(dynamic=True)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     def save(path=ckpt_path):
@@ -261,7 +264,7 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
                    "answers": [model.tok.encode(a, cfg.model.max_text_len) for a in ans]}
             sync = ddp.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
             with sync, amp:
-                loss, parts = fwd(gen, und)
+                loss, parts = ddp(gen, und)
                 (loss / accum).backward()
             for k in sums:
                 sums[k] += parts[k].item() / accum

@@ -60,34 +60,62 @@ def sample_rep_tokens(model: RFModel, prompts: list[list[int]], cfg_rep: float, 
     return codes[:B]
 
 
+def pixel_branches(cfg_pix: float, cfg_mode: str) -> list[tuple[bool, bool]]:
+    """The (keep prompt, hide rep) condition of each batch branch of the pixel ODE.
+
+    joint (paper default): (c, r) and (0, 0);  v = v(0,0) + w (v(c,r) - v(0,0))
+    split:  (c, r), (0, 0) and (0, r);  v = v(0,0) + w_r (v(0,r) - v(0,0)) + w (v(c,r) - v(0,r)),
+            guiding the rep plan and the prompt with separate weights (InstructPix2Pix-style).
+    """
+    if cfg_pix == 1.0:
+        return [(True, False)]
+    if cfg_mode == "joint":
+        return [(True, False), (False, True)]
+    if cfg_mode == "split":
+        return [(True, False), (False, True), (False, False)]
+    raise ValueError(f"unknown cfg_mode {cfg_mode!r}; use 'joint' or 'split'")
+
+
+def guide(v: torch.Tensor, n: int, t: float, opt: dict) -> torch.Tensor:
+    """Combine the branch velocities (stacked, n rows each) by the formula of pixel_branches."""
+    chunks = v.split(n)
+    if len(chunks) == 1:
+        return v
+    inside = opt["cfg_interval"][0] <= t <= opt["cfg_interval"][1]
+    w = opt["cfg_pix"] if inside else 1.0
+    if len(chunks) == 2:
+        v_c, v_u = chunks
+        return v_u + w * (v_c - v_u)
+    v_c, v_u, v_r = chunks
+    w_r = opt["cfg_pix_rep"] if inside else 1.0
+    return v_u + w_r * (v_r - v_u) + w * (v_c - v_r)
+
+
 @torch.no_grad()
 def sample_pixels(model: RFModel, prompts: list[list[int]], codes: torch.Tensor | None,
                   steps: int, cfg_pix: float, solver: str = "euler", shift: float = 0.0,
-                  cfg_interval=(0.0, 1.0), generator=None) -> torch.Tensor:
+                  cfg_interval=(0.0, 1.0), generator=None, cfg_mode: str = "joint",
+                  cfg_pix_rep: float = 1.0) -> torch.Tensor:
     """(B, 3, H, W) images in [-1, 1]; one full forward per ODE evaluation."""
     cfg = model.cfg
     B, M, P = len(prompts), model.n_pix, cfg.patch_size ** 2 * 3
     dev = next(model.parameters()).device
     shift = shift or resolution_shift(cfg.image_size)
     z = torch.randn(B, M, P, generator=generator).to(dev) * cfg.flow.noise_scale
-    guided = cfg_pix != 1.0
-    batch = prompts + [[] for _ in prompts] if guided else prompts
-    if codes is not None and guided:
-        codes = torch.cat([codes, codes])
-    drop_rep = torch.tensor([False] * B + [True] * B) if guided else None
+    branches = pixel_branches(cfg_pix, cfg_mode)
+    batch = [p if keep else [] for keep, _ in branches for p in prompts]
+    drop_rep = torch.tensor([hide for _, hide in branches for _ in prompts])
+    if codes is not None:
+        codes = codes.repeat(len(branches), 1)
+    opt = {"cfg_pix": cfg_pix, "cfg_pix_rep": cfg_pix_rep, "cfg_interval": cfg_interval}
 
     def v_fn(z, t):
-        zz = torch.cat([z, z]) if guided else z
+        zz = z.repeat(len(branches), 1, 1)
         tt = torch.full((zz.shape[0],), t, device=dev)
         _, x_pred = model.gen_forward(batch, codes, zz, tt, drop_rep)
         # no (1 - t) clamp here: t < 1 at every evaluation, and the training clamp would
         # make the last Euler step stop short of the predicted image
-        v = velocity(x_pred.float(), zz, tt, 1e-6)
-        if not guided:
-            return v
-        v_c, v_u = v[:B], v[B:]
-        w = cfg_pix if cfg_interval[0] <= t <= cfg_interval[1] else 1.0
-        return v_u + w * (v_c - v_u)
+        return guide(velocity(x_pred.float(), zz, tt, 1e-6), B, t, opt)
 
     ts = time_grid(steps, shift).tolist()
     for t0, t1 in zip(ts[:-1], ts[1:]):
@@ -113,18 +141,19 @@ def sample_cached(model: RFModel, prompts: list[list[int]], opt: dict, generator
     """Same distribution and, for the same generator, the same draws as the reference
     path (rep tokens, then pixels), with each token and each prefix computed once.
 
-    The conditional and unconditional branches are the two halves of one 2B batch,
-    each row with its own cache entries: cond rows hold the prompt, uncond rows an
-    empty prompt, and both the same sampled rep tokens, which the uncond rows' pixel
-    block may not see (hide_rep), exactly as the reference's drop_rep mask."""
+    The conditional and unconditional branches are the halves of one 2B batch, each
+    row with its own cache entries: cond rows hold the prompt, uncond rows an empty
+    prompt, and both the same sampled rep tokens. For the pixel ODE the rows are
+    arranged into the guidance branches (pixel_branches); a branch that drops the rep
+    sequence hides it from [BOP] and the pixel block (hide_rep), exactly as the
+    reference's drop_rep mask."""
     cfg, tok = model.cfg, model.tok
     dev = next(model.parameters()).device
     B, N, M, P = len(prompts), model.n_rep, model.n_pix, cfg.patch_size ** 2 * 3
     rep_guided, pix_guided = opt["cfg_rep"] != 1.0, opt["cfg_pix"] != 1.0
-    two = rep_guided or pix_guided
+    two = rep_guided or pix_guided  # the cache holds cond and uncond rows
     batch = prompts + [[] for _ in prompts] if two else prompts
     R = len(batch)
-    hide = torch.tensor([False] * B + [True] * B if two else [False] * B, device=dev)
 
     # prefill: [PAD..] [BOS] prompt ([BOR] with rf)
     lay = model.gen_layout(batch, 0, 0)
@@ -147,13 +176,18 @@ def sample_cached(model: RFModel, prompts: list[list[int]], opt: dict, generator
             h = _step(model, cache, model.embed_rep(codes[:, i:i + 1], i), REP, pos,
                       cache.mask(1, bidir=False), write=True)
             last, pos = h[:, -1], pos + 1
-    # [BOP]: causal, of the pixel expert; in the uncond rows it cannot see the rep tokens
+    # the pixel branches: cache rows 0..B-1 hold the prompt, B..2B-1 the empty prompt
+    branches = pixel_branches(opt["cfg_pix"], opt["cfg_mode"])
+    rows = torch.cat([torch.arange(B) + (0 if keep else B) for keep, _ in branches]).to(dev)
+    hide = torch.tensor([hidden for _, hidden in branches for _ in range(B)], device=dev)
+    if not torch.equal(rows, torch.arange(R, device=dev)):
+        cache.select(rows)
+        pos = pos[rows]
+    R = len(rows)
+    # [BOP]: causal, of the pixel expert; in the rep-dropped rows it cannot see the rep tokens
     bop = model.tok_emb(torch.full((R, 1), tok.bop, device=dev))
     _step(model, cache, bop, PIX, pos, cache.mask(1, bidir=False, hide_rep=hide), write=True)
     pos = pos + 1
-    if two and not pix_guided:  # guidance on the rep logits only: drop the uncond rows now
-        cache.select(torch.arange(B, device=dev))
-        hide, pos, R = hide[:B], pos[:B], B
 
     # the pixel ODE: each evaluation runs only the M pixel tokens against the fixed prefix
     shift = opt["shift"] or resolution_shift(cfg.image_size)
@@ -161,14 +195,10 @@ def sample_cached(model: RFModel, prompts: list[list[int]], opt: dict, generator
     pix_mask = cache.mask(M, bidir=True, hide_rep=hide)
 
     def v_fn(z, t):
-        zz = torch.cat([z, z]) if pix_guided else z
+        zz = z.repeat(len(branches), 1, 1)
         tt = torch.full((R,), t, device=dev)
         h = _step(model, cache, model.embed_pix(zz, tt), PIX, pos, pix_mask, write=False)
-        v = velocity(model.pix_head(h).float(), zz, tt, 1e-6)
-        if not pix_guided:
-            return v
-        w = opt["cfg_pix"] if opt["cfg_interval"][0] <= t <= opt["cfg_interval"][1] else 1.0
-        return v[B:] + w * (v[:B] - v[B:])
+        return guide(velocity(model.pix_head(h).float(), zz, tt, 1e-6), B, t, opt)
 
     ts = time_grid(opt["steps"], shift).tolist()
     for t0, t1 in zip(ts[:-1], ts[1:]):
@@ -177,7 +207,8 @@ def sample_cached(model: RFModel, prompts: list[list[int]], opt: dict, generator
     return unpatchify(z, cfg.patch_size, g, g).clamp(-1, 1), (None if codes is None else codes[:B])
 
 
-SAMPLING_FIELDS = ("steps", "solver", "shift", "cfg_pix", "cfg_rep", "cfg_interval", "top_k", "temperature")
+SAMPLING_FIELDS = ("steps", "solver", "shift", "cfg_pix", "cfg_rep", "cfg_interval", "cfg_mode", "cfg_pix_rep",
+                   "top_k", "temperature")
 
 
 @torch.no_grad()
@@ -194,7 +225,7 @@ def text_to_image(model: RFModel, prompts: list[str], generator=None, kv_cache: 
     if model.cfg.rf:
         codes = sample_rep_tokens(model, ids, opt["cfg_rep"], opt["top_k"], opt["temperature"], generator)
     images = sample_pixels(model, ids, codes, opt["steps"], opt["cfg_pix"], opt["solver"], opt["shift"],
-                           opt["cfg_interval"], generator)
+                           opt["cfg_interval"], generator, opt["cfg_mode"], opt["cfg_pix_rep"])
     return images, codes
 
 

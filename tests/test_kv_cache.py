@@ -13,7 +13,8 @@ PROMPTS = ["a red circle at the top left and a blue", "a green triangle"]  # tin
 
 @pytest.mark.parametrize("rf", [True, False])
 @pytest.mark.parametrize("guidance", [dict(), dict(cfg_pix=1.0), dict(cfg_rep=1.0), dict(cfg_pix=1.0, cfg_rep=1.0),
-                                      dict(top_k=3, solver="heun", cfg_interval=(0.2, 0.8))])
+                                      dict(top_k=3, solver="heun", cfg_interval=(0.2, 0.8)),
+                                      dict(cfg_mode="split", cfg_pix_rep=2.0), dict(cfg_mode="split", cfg_rep=1.0)])
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS])
 def test_cached_sampling_equals_reference(tiny_model, rf, guidance, prompts):
     m = tiny_model() if rf else tiny_model("model.rf=false")
@@ -74,3 +75,19 @@ def test_kv_cache_overflow_raises():
     k = torch.zeros(1, 1, 3, 4)
     with pytest.raises(ValueError, match="KV cache full"):
         c.append(0, k, k)
+
+
+def test_split_guidance_formula():
+    """split: v(0,0) + w_r (v(0,r) - v(0,0)) + w (v(c,r) - v(0,r)); joint: v(0,0) + w (v(c,r) - v(0,0))."""
+    from nanorf.sampler import guide, pixel_branches
+    assert pixel_branches(1.0, "split") == [(True, False)]
+    assert pixel_branches(3.0, "joint") == [(True, False), (False, True)]
+    assert pixel_branches(3.0, "split") == [(True, False), (False, True), (False, False)]
+    v = torch.tensor([[5.0], [1.0], [2.0]])  # v(c,r), v(0,0), v(0,r) for a batch of 1
+    opt = {"cfg_pix": 3.0, "cfg_pix_rep": 2.0, "cfg_interval": (0.0, 1.0)}
+    assert guide(v, 1, 0.5, opt).item() == 1 + 2 * (2 - 1) + 3 * (5 - 2)
+    assert guide(v[:2], 1, 0.5, opt).item() == 1 + 3 * (5 - 1)
+    # outside the interval both weights are 1: the conditional velocity
+    assert guide(v, 1, 0.5, {**opt, "cfg_interval": (0.6, 1.0)}).item() == 5.0
+    with pytest.raises(ValueError):
+        pixel_branches(3.0, "nested")
