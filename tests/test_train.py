@@ -108,7 +108,8 @@ def test_train_cli_then_sample_end_to_end(tmp_path):
 
     assert len((out / "samples.txt").read_text().splitlines()) == 4
     score = json.loads((out / "score.json").read_text())
-    assert score["n"] == 4 and all(0.0 <= score[k] <= 1.0 for k in ("object", "color", "position", "shape", "exact"))
+    assert score["n"] == 4 and all(0.0 <= score[k] <= 1.0 for k in
+                                   ("object", "colors", "position", "single", "two", "color_attr", "overall", "exact"))
     grid = Image.open(out / "samples.png")
     assert grid.size == ((4 * 34 + 2) * 4, 36 * 4)  # 4 samples in a row, 2 px pads, x4 (128 // 32)
 
