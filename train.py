@@ -116,6 +116,7 @@ class Stream:
     def __init__(self, cfg: Config):
         m, t = cfg.model, cfg.train
         self.cfg = cfg
+        self._perm = (-1, None)  # (epoch, permutation) of a folder dataset
         if t.data:
             self.gen = self.und = ImageCaptionFolder(t.data, m.image_size)
         else:
@@ -125,9 +126,11 @@ class Stream:
     def _item(self, ds, i: int):
         if isinstance(ds, ShapesWorld):
             return ds[i]
-        n = len(ds)  # a folder: a fresh permutation every epoch
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.train.seed * 7919 + i // n))
-        return ds[int(perm[i % n])]
+        n, epoch = len(ds), i // len(ds)  # a folder: a fresh permutation every epoch, drawn once
+        if self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch)
+            self._perm = (epoch, torch.randperm(n, generator=g))
+        return ds[int(self._perm[1][i % n])]
 
     def draws(self, step: int, n_patches: int, patch_dim: int) -> dict:
         m = self.cfg.model
