@@ -247,7 +247,6 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
             gparam["lr"] = lr_at(step, t) * gparam["lr_mult"]
         draws = stream.draws(step, n_pix, pdim)
         sums = {"lm": 0.0, "rep": 0.0, "fm": 0.0}
-        codes_all = []
         for micro in range(accum):
             start = (micro * world + rank) * mb
             gi = range(start, start + mb)
@@ -256,8 +255,6 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
             qs, ans, uimages = stream.und_items(step, range(ustart, ustart + umb))
             images, uimages = images.to(device), uimages.to(device)
             codes = targets(images) if targets is not None else None
-            if codes is not None:
-                codes_all.append(codes)
             sl = slice(start, start + mb)
             gen = {"prompts": [model.tok.encode(p, cfg.model.max_text_len) for p in prompts],
                    "images": images, "codes": codes, "t": draws["t"][sl].to(device),

@@ -18,8 +18,8 @@ import torch
 
 from .config import apply_overrides, get_config
 from .model import RFModel, RepresentationTargets
-from .mot import PIX, KVCache
-from .sampler import _step, text_to_image
+from .mot import PIX
+from .sampler import _step, prefill, text_to_image
 
 
 def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
@@ -139,9 +139,7 @@ def paper1024_probe(dim: int, depth: int, quick: bool) -> dict:
         # cached: all 1,024 tokens
         t0 = time.perf_counter()
         lay = m.gen_layout(prompt, 0, 0)
-        cache = KVCache(depth, lay.tokens.shape[1] + m.n_rep + 1)
-        m.mot(m.embed(lay), lay.modality, lay.pos, lay.mask(), cache=cache, write=True)
-        cache.commit(lay.valid, lay.modality)
+        _, cache = prefill(m, lay, m.embed(lay), m.n_rep + 1)
         pos = lay.pos[:, -1:] + 1
         codes = torch.zeros(1, m.n_rep, dtype=torch.long)
         for i in range(m.n_rep):

@@ -136,6 +136,16 @@ def _step(model: RFModel, cache: KVCache, x, modality: int, pos, mask, write: bo
     return h
 
 
+def prefill(model: RFModel, lay, x: torch.Tensor, room: int):
+    """Run a whole layout (embedded as x (B, L, D)) into a fresh cache with `room` more
+    columns for what gets appended later. Returns (hidden (B, L, D), cache)."""
+    dev = x.device
+    cache = KVCache(model.cfg.mot.depth, lay.tokens.shape[1] + room)
+    h = model.mot(x, lay.modality.to(dev), lay.pos.to(dev), lay.mask().to(dev), cache=cache, write=True)
+    cache.commit(lay.valid.to(dev), lay.modality.to(dev))
+    return h, cache
+
+
 @torch.no_grad()
 def sample_cached(model: RFModel, prompts: list[list[int]], opt: dict, generator=None):
     """Same distribution and, for the same generator, the same draws as the reference
@@ -157,10 +167,7 @@ def sample_cached(model: RFModel, prompts: list[list[int]], opt: dict, generator
 
     # prefill: [PAD..] [BOS] prompt ([BOR] with rf)
     lay = model.gen_layout(batch, 0, 0)
-    cache = KVCache(cfg.mot.depth, lay.tokens.shape[1] + N + 1)
-    h = model.mot(model.embed(lay), lay.modality.to(dev), lay.pos.to(dev), lay.mask().to(dev),
-                  cache=cache, write=True)
-    cache.commit(lay.valid.to(dev), lay.modality.to(dev))
+    h, cache = prefill(model, lay, model.embed(lay), N + 1)
     pos = lay.pos[:, -1:].to(dev) + 1                                              # (R, 1) next position
 
     codes = None
@@ -243,10 +250,7 @@ def answer(model: RFModel, images: torch.Tensor, questions: list[str], max_new_t
     rows = torch.arange(B, device=dev)
     if kv_cache:  # prefill [BOS][BOI] v [EOI] question, right-padded
         lay = model.und_layout(qs, [[] for _ in qs], eos=False)
-        cache = KVCache(model.cfg.mot.depth, lay.tokens.shape[1] + max_new_tokens)
-        x = model.embed(lay, vit_tokens=model.vit_tokens(images))
-        h = model.mot(x, lay.modality.to(dev), lay.pos.to(dev), lay.mask().to(dev), cache=cache, write=True)
-        cache.commit(lay.valid.to(dev), lay.modality.to(dev))
+        h, cache = prefill(model, lay, model.embed(lay, vit_tokens=model.vit_tokens(images)), max_new_tokens)
         last = (lay.valid.sum(1) - 1).to(dev)                                      # (B,) last real column
         pos = lay.pos.to(dev)[rows, last][:, None] + 1                              # (B, 1)
         logits = model.lm_head(h[rows, last])
