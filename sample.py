@@ -150,7 +150,7 @@ def main(argv=None):
         outs = []
     for img, c, path in zip(images, codes, outs):
         save_png(img, path)
-        if args.rep_map and c is not None:
+        if args.rep_map and c is not None and c.dtype == torch.long:  # continuous targets have no ids to map
             save_png(rep_map(c, cfg.model.image_size), path.with_suffix(".rep.png"))
     if args.grid:
         save_grid(images, args.grid, scale=max(1, 128 // cfg.model.image_size))

@@ -2,7 +2,9 @@
 
     python train.py                                   # toy preset on CPU, writes out/toy/
     python train.py --config toy --max-steps 200 --out-dir out/x --seed 0
-    python train.py --config toy --no-rf              # pixel-only baseline
+    python train.py --config toy --no-rf              # pixel-only baseline (Table 3a)
+    python train.py --config toy --no-rf --repa       # REPA instead of RF (Table 3b)
+    python train.py --config toy --continuous-rep     # continuous rep targets (Table 3c)
     python train.py --config toy --data my_folder/    # images + captions.jsonl
     torchrun --nproc_per_node 2 train.py --config toy # DDP: gloo on CPU, nccl on GPU
     python train.py --config toy --out-dir out/x --resume
@@ -43,6 +45,7 @@ from nanorf.config import PRESETS, Config, apply_overrides, get_config
 from nanorf.data import DataError, ImageCaptionFolder, ShapesWorld
 from nanorf.flow import sample_t
 from nanorf.model import RFModel, RepresentationTargets, images_to_tensor, validate
+from nanorf.variants import DIFF_MUL
 from nanorf.vq import codebook_stats
 
 
@@ -53,6 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="optimiser steps to train for")
     p.add_argument("--seed", type=int, default=None, help="seed of every random draw (default: preset's)")
     p.add_argument("--no-rf", action="store_true", help="pixel-only baseline: no representation tokens")
+    p.add_argument("--repa", action="store_true",
+                   help="add REPA's feature-alignment loss on the pixel block (weight 0.5); "
+                        "with --no-rf this is the paper's REPA variant (Table 3b)")
+    p.add_argument("--continuous-rep", action="store_true",
+                   help="continuous rep targets: encoder features regressed by a per-position "
+                        "diffusion head instead of VQ codes (Table 3c)")
     p.add_argument("--data", default=None, help="image folder with captions.jsonl instead of the shapes world")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt exactly")
     p.add_argument("--batch-size", type=int, default=None, help="global generation batch per step")
@@ -82,6 +91,10 @@ def build_config(args) -> Config:
         t.compile = True
     if args.no_rf:
         m.rf = False
+    if args.repa:
+        m.repa_weight = 0.5
+    if args.continuous_rep:
+        m.rep_target = "continuous"
     if args.per_modality_attention:
         m.mot.shared_attention = False
     apply_overrides(cfg, args.set)
@@ -139,7 +152,18 @@ class Stream:
         return {"t": sample_t(B, m.flow.p_mean, m.flow.p_std, g),
                 "eps": torch.randn(B, n_patches, patch_dim, generator=g) * m.flow.noise_scale,
                 "drop_text": torch.rand(B, generator=g) < m.p_drop_text,
-                "drop_rep": torch.rand(B, generator=g) < m.p_drop_rep}
+                "drop_rep": torch.rand(B, generator=g) < m.p_drop_rep,
+                **self.rep_draws(B, g)}
+
+    def rep_draws(self, B: int, g: torch.Generator) -> dict:
+        """The continuous targets' diffusion-head noise (drawn after the rest, so the
+        other variants' streams are unchanged)."""
+        m = self.cfg.model
+        if not (m.rf and m.rep_target == "continuous"):
+            return {}
+        N, F = m.rep_grid ** 2, m.vit.dim
+        return {"rep_t": sample_t(B * DIFF_MUL * N, m.flow.p_mean, m.flow.p_std, g).view(B, DIFF_MUL, N),
+                "rep_eps": torch.randn(B, DIFF_MUL, N, F, generator=g)}
 
     def gen_items(self, step: int, idx: range):
         B = self.cfg.train.batch_size
@@ -167,7 +191,7 @@ def make_optimizer(model: RFModel, t) -> torch.optim.AdamW:
     embeddings and heads are "new" here)."""
     groups = {}
     for name, p in model.named_parameters():
-        gen = name.startswith(("rep_", "pix_", "t_emb")) or any(
+        gen = name.startswith(("rep_", "repa_", "pix_", "t_emb")) or any(
             f".{k}.1." in name or f".{k}.2." in name for k in ("ffn", "attn_in", "attn_out"))
         key = (p.dim() >= 2, gen)
         groups.setdefault(key, []).append(p)
@@ -203,7 +227,8 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
 
     torch.manual_seed(t.seed)
     model = RFModel(cfg.model).to(device)
-    targets = RepresentationTargets(cfg.model, model.vit).to(device) if cfg.model.rf else None
+    needs_targets = cfg.model.rf or cfg.model.repa_weight
+    targets = RepresentationTargets(cfg.model, model.vit).to(device) if needs_targets else None
     ema = ModelEMA(model, t.ema_decay)
     opt = make_optimizer(model, t)
     step = 0
@@ -254,12 +279,16 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
             prompts, images = stream.gen_items(step, gi)
             qs, ans, uimages = stream.und_items(step, range(ustart, ustart + umb))
             images, uimages = images.to(device), uimages.to(device)
-            codes = targets(images) if targets is not None else None
+            codes = targets(images) if cfg.model.rf else None
             sl = slice(start, start + mb)
             gen = {"prompts": [model.tok.encode(p, cfg.model.max_text_len) for p in prompts],
                    "images": images, "codes": codes, "t": draws["t"][sl].to(device),
                    "eps": draws["eps"][sl].to(device), "drop_text": draws["drop_text"][sl],
                    "drop_rep": draws["drop_rep"][sl]}
+            if "rep_t" in draws:
+                gen.update(rep_t=draws["rep_t"][sl].to(device), rep_eps=draws["rep_eps"][sl].to(device))
+            if cfg.model.repa_weight:
+                gen["align"] = targets.align(images)
             und = {"images": uimages, "questions": [model.question_ids(q) for q in qs],
                    "answers": [model.tok.encode(a, cfg.model.max_text_len) for a in ans]}
             sync = ddp.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
@@ -282,7 +311,7 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
         if master:
             rec = {"step": step, **{k: round(v, 4) for k, v in sums.items()},
                    "grad_norm": round(float(gnorm), 3), "lr": lr_at(step - 1, t), "time": round(time.time() - t0, 1)}
-            if targets is not None:
+            if targets is not None and targets.vq is not None:
                 rec.update(codes_used=int(targets.vq.last_usage), code_perplexity=round(float(targets.vq.last_perplexity), 1))
             last = rec
             bar.set_postfix({k: rec[k] for k in ("lm", "rep", "fm")}, refresh=False)

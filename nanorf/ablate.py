@@ -1,6 +1,7 @@
-"""The paper's central ablation in miniature: RF vs pixel-only (Table 3a), same budget.
+"""The paper's central ablations in miniature (Table 3a-c), every variant on the same budget.
 
-    python -m nanorf.ablate                          # rf and no-rf, seeds 0 and 1, toy preset
+    python -m nanorf.ablate                          # all four variants, seeds 0 and 1, toy preset
+    python -m nanorf.ablate --variants rf no-rf      # Table 3a only
     python -m nanorf.ablate --seeds 0 1 2 --max-steps 700 --out-dir out/ablate
 
 Each variant x seed is one `train.py` run in its own process (so every run has the
@@ -22,9 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = {"rf": [], "no-rf": ["--no-rf"]}
-# the paper's numbers beside ours (Table 3a, pixel space, GenEval overall)
-PAPER = {"rf": 0.76, "no-rf": 0.25}
+VARIANTS = {
+    "rf": [],                                   # discrete rep tokens (the method)
+    "no-rf": ["--no-rf"],                       # Table 3a: pixels only
+    "repa": ["--no-rf", "--repa"],              # Table 3b: no rep tokens, REPA alignment loss instead
+    "continuous": ["--continuous-rep"],         # Table 3c: continuous rep targets, per-position diffusion head
+}
+# the paper's numbers beside ours (Table 3a-c, pixel space, GenEval overall)
+PAPER = {"rf": 0.76, "no-rf": 0.25, "repa": 0.43, "continuous": 0.26}
 GEN_KEYS = ("single", "two", "colors", "position", "color_attr", "overall", "object", "exact")
 UND_KEYS = ("color", "shape", "position", "caption")
 
@@ -82,7 +88,7 @@ def write_table(results, args, steps, out: Path):
         return f"{np.mean(xs):.3f} ± {(max(xs) - min(xs)) / 2:.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
     lines = [f"Shapes world, `{args.config}` preset, {steps} steps, seeds {args.seeds}, {args.n} held-out prompts "
              f"and images; mean ± half the range over seeds.", "",
-             "| variant | paper GenEval (Table 3a) | " + " | ".join(GEN_KEYS) + " | wall-clock per run |",
+             "| variant | paper GenEval (Table 3) | " + " | ".join(GEN_KEYS) + " | wall-clock per run |",
              "|---|---|" + "---|" * (len(GEN_KEYS) + 1)]
     for v in args.variants:
         walls = [results[(v, s)]["wall_s"] for s in args.seeds if results[(v, s)]["wall_s"]]

@@ -83,6 +83,10 @@ class ModelConfig:
     patch_size: int = 16           # pixel patch side for generation (paper: 16)
     max_text_len: int = 128        # bytes of prompt / question / answer the sequence can hold
     rf: bool = True                # False = pixel-only baseline (no representation tokens)
+    rep_target: str = "discrete"   # "discrete": VQ codes, AR cross-entropy (RF); "continuous": Table 3c's
+                                   # per-position diffusion head on the EMA encoder's features
+    repa_weight: float = 0.0       # > 0: Table 3b's REPA loss, pixel hidden states aligned to encoder features
+    repa_depth: int = 0            # REPA taps the pixel tokens after this many blocks; 0 = mot.depth // 2
     p_drop_text: float = 0.1       # CFG: drop the prompt
     p_drop_rep: float = 0.1        # CFG: hide the rep sequence from the pixel block
     vit: ViTConfig = field(default_factory=ViTConfig)

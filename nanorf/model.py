@@ -23,6 +23,11 @@ choice; the paper only says "learnable").
 Heads: LM head over bytes (L_LM), K-way rep head (L_Rep), pixel head predicting the
 clean patch x (x-prediction, L_FM). L = L_LM + L_Rep + L_FM with unit weights.
 
+The paper's ablations switch by config (variants.py holds their parts): `rf=False` drops
+the rep tokens (Table 3a), `rep_target="continuous"` makes them encoder features with a
+per-position diffusion head (3c), `repa_weight > 0` adds REPA's alignment loss on the pixel
+block's hidden states, logged in the rep slot (3b).
+
 Loss normalisation (the paper is silent): L_FM and L_Rep are means over elements
 and tokens, which every example has equally many of; L_LM is the mean over examples
 of each answer's mean token CE, so every example weighs the same whatever its
@@ -43,6 +48,7 @@ from .flow import add_noise, fm_loss, timestep_embedding
 from .mot import MoT, PAD, PIX, REP, UND, attention_mask
 from .tokenizer import ByteTokenizer
 from .vit import ViT, Connector
+from .variants import DiffusionHead, REPAProjector, repa_loss
 from .vq import EMAEncoder, OnlineVQ
 
 
@@ -91,6 +97,11 @@ def validate(cfg: ModelConfig):
         (v.dim % (4 * v.heads) == 0, f"vit.dim {v.dim} must be a multiple of 4 * vit.heads ({4 * v.heads}) for 2-D RoPE"),
         (not cfg.rf or (cfg.image_size // v.patch_size) % cfg.vq.pool == 0,
          f"the ViT grid {cfg.image_size // v.patch_size} is not a multiple of vq.pool {cfg.vq.pool}"),
+        (cfg.rep_target in ("discrete", "continuous"),
+         f"rep_target {cfg.rep_target!r} must be 'discrete' or 'continuous'"),
+        (not cfg.repa_weight or cfg.patch_size % v.patch_size == 0,
+         f"REPA needs patch_size {cfg.patch_size} to be a multiple of vit.patch_size {v.patch_size}"),
+        (0 <= cfg.repa_depth <= m.depth, f"repa_depth {cfg.repa_depth} is outside 0..{m.depth}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -156,11 +167,18 @@ class RFModel(nn.Module):
         self.tok_emb = nn.Embedding(self.tok.vocab_size, D)
         self.lm_head = nn.Linear(D, self.tok.vocab_size, bias=False)
         # representation tokens
+        self.continuous = cfg.rf and cfg.rep_target == "continuous"
         if cfg.rf:
             K, rg = cfg.vq.codebook_size, cfg.rep_grid
-            self.rep_emb = nn.Embedding(K, D)
             self.rep_pos = nn.Parameter(sincos_2d(rg, rg, D))
-            self.rep_head = nn.Linear(D, K, bias=False)
+            if self.continuous:  # Table 3c: features in, a diffusion head out
+                self.rep_in = nn.Linear(cfg.vit.dim, D)
+                self.rep_head = DiffusionHead(cfg.vit.dim, D, D)
+            else:
+                self.rep_emb = nn.Embedding(K, D)
+                self.rep_head = nn.Linear(D, K, bias=False)
+        if cfg.repa_weight:  # Table 3b
+            self.repa_proj = REPAProjector(D, cfg.vit.dim)
         # pixels
         self.pix_emb = nn.Linear(p * p * 3, D)
         self.t_emb = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
@@ -177,7 +195,7 @@ class RFModel(nn.Module):
                 std = 0.02 / (2 * depth) ** 0.5 if name.endswith(("down", "attn_out.0", "attn_out.1", "attn_out.2")) else 0.02
                 nn.init.normal_(m.weight, std=std)
         for head in (self.lm_head, getattr(self, "rep_head", None)):
-            if head is not None:
+            if isinstance(head, nn.Linear):
                 nn.init.normal_(head.weight, std=0.02)
         # x-prediction head starts at x = 0 (JiT zero-inits its final layer)
         nn.init.zeros_(self.pix_head.weight)
@@ -241,35 +259,46 @@ class RFModel(nn.Module):
         return x
 
     def embed_rep(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """codes (B, n) for raster positions start..start+n -> (B, n, D): identity + 2-D spatial."""
-        return self.rep_emb(codes) + self.rep_pos[start:start + codes.shape[1]]
+        """codes (B, n) for raster positions start..start+n -> (B, n, D): identity + 2-D spatial.
+        Continuous targets: codes are features (B, n, D_vit), read in by a linear layer."""
+        ident = self.rep_in(codes) if self.continuous else self.rep_emb(codes)
+        return ident + self.rep_pos[start:start + codes.shape[1]]
+
+    def rep_readout(self, h: torch.Tensor) -> torch.Tensor:
+        """What the sampler draws the next rep token from: logits (.., K) for discrete tokens;
+        for continuous ones the hidden state itself, which conditions the diffusion head."""
+        return h if self.continuous else self.rep_head(h)
 
     def embed_pix(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z (B, M, p*p*3) noisy patches at times t (B,) -> (B, M, D)."""
         te = self.t_emb(timestep_embedding(t, 256))                                # (B, D)
         return self.pix_emb(z) + te[:, None] + self.pix_pos
 
-    def trunk(self, lay: Layout, x: torch.Tensor, drop_rep=None) -> torch.Tensor:
+    def trunk(self, lay: Layout, x: torch.Tensor, drop_rep=None, tap=None):
         dev = x.device
         mask = lay.mask(None if drop_rep is None else drop_rep.cpu()).to(dev)
-        return self.mot(x, lay.modality.to(dev), lay.pos.to(dev), mask)
+        return self.mot(x, lay.modality.to(dev), lay.pos.to(dev), mask, tap=tap)
 
-    def gen_forward(self, prompts, codes, z, t, drop_rep=None):
+    def gen_forward(self, prompts, codes, z, t, drop_rep=None, tap=None):
         """Teacher-forced generation pass.
-        prompts: B lists of byte ids. codes (B, n) rep ids (n <= N; None or n=0 with rf off).
+        prompts: B lists of byte ids. codes (B, n) rep ids, or (B, n, D_vit) features with
+        continuous targets (n <= N; None or n=0 with rf off).
         z (B, M, p*p*3) noisy patches at time t (B,), or None for a rep-only prefix.
-        Returns rep logits (B, n+1, K) at [BOR], r_1..r_n (None with rf off) and
-        x_pred (B, M, p*p*3) (None without pixels)."""
+        Returns rep_readout (B, n+1, K or D) at [BOR], r_1..r_n (None with rf off) and
+        x_pred (B, M, p*p*3) (None without pixels); with `tap`, also the pixel tokens'
+        residual stream (B, M, D) after `tap` blocks."""
         n = 0 if codes is None else codes.shape[1]
         lay = self.gen_layout(prompts, n, 0 if z is None else self.n_pix)
-        h = self.trunk(lay, self.embed(lay, codes=codes, z=z, t=t), drop_rep)
-        rep_logits = x_pred = None
+        h = self.trunk(lay, self.embed(lay, codes=codes, z=z, t=t), drop_rep, tap)
+        if tap is not None:
+            h, tapped = h
+        rep_out = x_pred = None
         if self.cfg.rf:
             c = lay.rep_cols
-            rep_logits = self.rep_head(h[:, c.start - 1:c.stop])                   # (B, n+1, K)
+            rep_out = self.rep_readout(h[:, c.start - 1:c.stop])                   # (B, n+1, K or D)
         if z is not None:
             x_pred = self.pix_head(h[:, lay.pix_cols])                             # (B, M, p*p*3)
-        return rep_logits, x_pred
+        return (rep_out, x_pred) if tap is None else (rep_out, x_pred, tapped[:, lay.pix_cols])
 
     def vit_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, V, D_vit) normed patch features of the online encoder."""
@@ -282,19 +311,29 @@ class RFModel(nn.Module):
         return self.lm_head(h), lay
 
     # ---- losses -------------------------------------------------------------------------
-    def gen_loss(self, prompts, images, codes, t, eps, drop_text, drop_rep):
+    def gen_loss(self, prompts, images, codes, t, eps, drop_text, drop_rep, rep_t=None, rep_eps=None,
+                 align=None):
         """L_Rep and L_FM on a generation batch. images (B, 3, H, W) in [-1, 1];
-        codes (B, N) targets from RepresentationTargets (None with rf off); t (B,);
-        eps like the patches; drop_text, drop_rep (B,) bool CFG drops."""
+        codes: targets from RepresentationTargets, (B, N) ids or (B, N, D_vit) features
+        (None with rf off); t (B,); eps like the patches; drop_text, drop_rep (B,) bool
+        CFG drops. Continuous targets also take the head's noise draws rep_t
+        (B, DIFF_MUL, N) and rep_eps (B, DIFF_MUL, N, D_vit); REPA takes align
+        (B, M, D_vit), the encoder features on the pixel grid, and returns its loss,
+        weighted, in place of L_Rep."""
         prompts = [[] if d else p for p, d in zip(prompts, drop_text.tolist())]
         x = patchify(images, self.cfg.patch_size)                                  # (B, M, P)
         z = add_noise(x, t, eps)
-        rep_logits, x_pred = self.gen_forward(prompts, codes, z, t, drop_rep)
+        tap = (self.cfg.repa_depth or self.cfg.mot.depth // 2) if self.cfg.repa_weight else None
+        rep_out, x_pred, *tapped = self.gen_forward(prompts, codes, z, t, drop_rep, tap)
         l_fm = fm_loss(x_pred, x, eps, z, t, self.cfg.flow.t_eps)
         l_rep = x.new_zeros(())
-        if self.cfg.rf:
+        if self.continuous:
+            l_rep = self.rep_head.loss(rep_out[:, :-1], codes, rep_t, rep_eps, self.cfg.flow.t_eps)
+        elif self.cfg.rf:
             K = self.cfg.vq.codebook_size
-            l_rep = F.cross_entropy(rep_logits[:, :-1].reshape(-1, K).float(), codes.reshape(-1))
+            l_rep = F.cross_entropy(rep_out[:, :-1].reshape(-1, K).float(), codes.reshape(-1))
+        if tap is not None:
+            l_rep = l_rep + self.cfg.repa_weight * repa_loss(self.repa_proj(tapped[0]), align)
         return l_rep, l_fm
 
     def und_loss(self, images, questions, answers):
@@ -322,20 +361,31 @@ class RFModel(nn.Module):
 class RepresentationTargets(nn.Module):
     """The EMA copy of the encoder and the online VQ that turn a clean image into
     N discrete target ids (PAPER §3). Not part of RFModel: it has no gradient, is not
-    averaged into the sampling EMA, and is not needed to sample."""
+    averaged into the sampling EMA, and is not needed to sample.
+    The ablations read the same EMA features: continuous targets skip the VQ; REPA pools
+    them to the pixel-patch grid (`align`)."""
 
     def __init__(self, cfg: ModelConfig, vit: ViT):
         super().__init__()
+        self.cfg = cfg
         self.encoder = EMAEncoder(vit, cfg.vq.pool)
-        self.vq = OnlineVQ(cfg.vit.dim, cfg.vq)
+        self.vq = OnlineVQ(cfg.vit.dim, cfg.vq) if cfg.rf and cfg.rep_target == "discrete" else None
         self.decay = cfg.vq.encoder_ema
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, update: bool = True) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, N) code ids, raster order over the pooled grid."""
+        """(B, 3, H, W) -> (B, N) code ids, raster order over the pooled grid; with
+        continuous targets, the features x = sqrt(D) f (B, N, D) instead."""
         z = self.encoder.features(images)                                          # (B, N, D), unit norm
         B, N, D = z.shape
+        if self.vq is None:
+            return z * D ** 0.5
         return self.vq(z.reshape(B * N, D), update=update).view(B, N)
+
+    @torch.no_grad()
+    def align(self, images: torch.Tensor) -> torch.Tensor:
+        """REPA's targets: (B, 3, H, W) -> unit features (B, M, D) on the pixel-patch grid."""
+        return self.encoder.features(images, pool=self.cfg.patch_size // self.cfg.vit.patch_size)
 
     @torch.no_grad()
     def ema_update(self, vit: ViT):

@@ -231,17 +231,23 @@ class MoT(nn.Module):
         self.blocks = nn.ModuleList(MoTBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.ModuleList(RMSNorm(cfg.dim) for _ in range(N_EXPERTS))  # final norm per modality
 
-    def forward(self, x, modality, pos, mask, cache: KVCache | None = None, write: bool = False):
+    def forward(self, x, modality, pos, mask, cache: KVCache | None = None, write: bool = False,
+                tap: int | None = None):
         """x (B, L, D) embedded tokens; modality, pos (B, L); mask (B, 1, L, P + L)
         where P is the cached prefix length (0 without a cache).
         With `write`, these L tokens' keys/values are appended to `cache` (the caller
-        then calls cache.commit). Returns hidden (B, L, D) after the per-modality final norm."""
+        then calls cache.commit). Returns hidden (B, L, D) after the per-modality final norm;
+        with `tap`, also the residual stream (B, L, D) after `tap` blocks (REPA's target layer)."""
         routing = Routing(modality)
         cos, sin = rope_cos_sin(pos, self.cfg.dim // self.cfg.heads, self.cfg.rope_base)
+        tapped = x if tap == 0 else None
         for i, blk in enumerate(self.blocks):
             prefix = cache.prefix(i) if cache is not None and cache.len else None
             x, (k, v) = blk(x, routing, cos, sin, mask, prefix)
             if write:
                 cache.append(i, k, v)
+            if tap == i + 1:
+                tapped = x
         B, L, D = x.shape
-        return routing.apply(self.norm, x.reshape(B * L, D), D).view(B, L, D)
+        out = routing.apply(self.norm, x.reshape(B * L, D), D).view(B, L, D)
+        return out if tap is None else (out, tapped)

@@ -40,21 +40,35 @@ def sample_logits(logits: torch.Tensor, top_k: int = 0, temperature: float = 1.0
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
 
+def draw_rep(model: RFModel, out: torch.Tensor, B: int, cfg_rep: float, top_k: int, temperature: float,
+             steps: int, generator=None) -> torch.Tensor:
+    """The next rep token of B sequences from the readout at their last position,
+    out (B, K or D), or (2B, ..) with the prompt-dropped rows second when guided.
+    Discrete: ids (B,) from l_u + w_rep (l_c - l_u). Continuous (Table 3c): features
+    (B, D_vit) from the diffusion head's ODE, guided the same way on its velocity."""
+    guided = cfg_rep != 1.0 and out.shape[0] > B
+    if getattr(model, "continuous", False):
+        return model.rep_head.sample(out if guided else out[:B], B, cfg_rep, steps, generator)
+    logits = out.float()
+    if guided:
+        logits = logits[B:] + cfg_rep * (logits[:B] - logits[B:])
+    return sample_logits(logits[:B], top_k, temperature, generator)
+
+
 @torch.no_grad()
 def sample_rep_tokens(model: RFModel, prompts: list[list[int]], cfg_rep: float, top_k: int,
-                      temperature: float, generator=None) -> torch.Tensor:
-    """(B, N) representation ids, one full forward per token."""
+                      temperature: float, generator=None, steps: int = 25) -> torch.Tensor:
+    """(B, N) representation ids (or (B, N, D_vit) continuous features), one full forward
+    per token. steps: ODE steps of the continuous targets' head."""
     B, N = len(prompts), model.n_rep
     dev = next(model.parameters()).device
     guided = cfg_rep != 1.0
     batch = prompts + [[] for _ in prompts] if guided else prompts
-    codes = torch.zeros(len(batch), 0, dtype=torch.long, device=dev)
+    feat = (model.cfg.vit.dim,) if getattr(model, "continuous", False) else ()
+    codes = torch.zeros(len(batch), 0, *feat, dtype=torch.float if feat else torch.long, device=dev)
     for _ in range(N):
-        logits, _ = model.gen_forward(batch, codes, None, None)
-        last = logits[:, -1].float()                                               # (B or 2B, K)
-        if guided:
-            last = last[B:] + cfg_rep * (last[:B] - last[B:])
-        nxt = sample_logits(last, top_k, temperature, generator)                   # (B,)
+        out, _ = model.gen_forward(batch, codes, None, None)                       # (B or 2B, n+1, K or D)
+        nxt = draw_rep(model, out[:, -1], B, cfg_rep, top_k, temperature, steps, generator)
         nxt = torch.cat([nxt, nxt]) if guided else nxt
         codes = torch.cat([codes, nxt[:, None]], dim=1)
     return codes[:B]
@@ -106,7 +120,7 @@ def sample_pixels(model: RFModel, prompts: list[list[int]], codes: torch.Tensor 
     batch = [p if keep else [] for keep, _ in branches for p in prompts]
     drop_rep = torch.tensor([hide for _, hide in branches for _ in prompts])
     if codes is not None:
-        codes = codes.repeat(len(branches), 1)
+        codes = codes.repeat(len(branches), *[1] * (codes.dim() - 1))             # ids or features
     opt = {"cfg_pix": cfg_pix, "cfg_pix_rep": cfg_pix_rep, "cfg_interval": cfg_interval}
 
     def v_fn(z, t):
@@ -160,8 +174,7 @@ def sample_cached(model: RFModel, prompts: list[list[int]], opt: dict, generator
     cfg, tok = model.cfg, model.tok
     dev = next(model.parameters()).device
     B, N, M, P = len(prompts), model.n_rep, model.n_pix, cfg.patch_size ** 2 * 3
-    rep_guided, pix_guided = opt["cfg_rep"] != 1.0, opt["cfg_pix"] != 1.0
-    two = rep_guided or pix_guided  # the cache holds cond and uncond rows
+    two = opt["cfg_rep"] != 1.0 or opt["cfg_pix"] != 1.0  # the cache holds cond and uncond rows
     batch = prompts + [[] for _ in prompts] if two else prompts
     R = len(batch)
 
@@ -172,13 +185,12 @@ def sample_cached(model: RFModel, prompts: list[list[int]], opt: dict, generator
 
     codes = None
     if cfg.rf:
-        codes = torch.zeros(R, N, dtype=torch.long, device=dev)
+        feat = (cfg.vit.dim,) if model.continuous else ()
+        codes = torch.zeros(R, N, *feat, dtype=torch.float if feat else torch.long, device=dev)
         last = h[:, -1]                                                            # [BOR]'s hidden (R, D)
         for i in range(N):
-            logits = model.rep_head(last).float()                                  # (R, K)
-            if rep_guided:
-                logits = logits[B:] + opt["cfg_rep"] * (logits[:B] - logits[B:])
-            nxt = sample_logits(logits[:B], opt["top_k"], opt["temperature"], generator)
+            nxt = draw_rep(model, model.rep_readout(last), B, opt["cfg_rep"], opt["top_k"], opt["temperature"],
+                           opt["steps"], generator)                                # (B,) or (B, D_vit)
             codes[:, i] = torch.cat([nxt, nxt]) if two else nxt
             h = _step(model, cache, model.embed_rep(codes[:, i:i + 1], i), REP, pos,
                       cache.mask(1, bidir=False), write=True)
@@ -230,7 +242,8 @@ def text_to_image(model: RFModel, prompts: list[str], generator=None, kv_cache: 
         return sample_cached(model, ids, opt, generator)
     codes = None
     if model.cfg.rf:
-        codes = sample_rep_tokens(model, ids, opt["cfg_rep"], opt["top_k"], opt["temperature"], generator)
+        codes = sample_rep_tokens(model, ids, opt["cfg_rep"], opt["top_k"], opt["temperature"], generator,
+                                  opt["steps"])
     images = sample_pixels(model, ids, codes, opt["steps"], opt["cfg_pix"], opt["solver"], opt["shift"],
                            opt["cfg_interval"], generator, opt["cfg_mode"], opt["cfg_pix_rep"])
     return images, codes

@@ -121,10 +121,11 @@ class EMAEncoder(nn.Module):
             b_ema.copy_(online_bufs[name])
 
     @torch.no_grad()
-    def features(self, images: Tensor) -> Tensor:
-        """images (B, 3, H, W) -> L2-normalised pooled targets (B, L, D), L = (H/ps/pool)(W/ps/pool)."""
+    def features(self, images: Tensor, pool: int | None = None) -> Tensor:
+        """images (B, 3, H, W) -> L2-normalised pooled targets (B, L, D), L = (H/ps/pool)(W/ps/pool).
+        pool defaults to the VQ's; REPA pools to the pixel-patch grid instead."""
         out = self.encoder(images)
-        z = pool_features(out["x_prenorm"].float(), out["grid"], self.pool)  # (B, L, D)
+        z = pool_features(out["x_prenorm"].float(), out["grid"], pool or self.pool)  # (B, L, D)
         return F.normalize(z, dim=-1)
 
 

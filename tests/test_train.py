@@ -152,12 +152,13 @@ def test_no_rf_baseline(tmp_path, capsys):
     assert png.is_file() and not (tmp_path / "x.rep.png").exists()
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("variant", [[], ["--no-rf", "--repa"], ["--continuous-rep"]], ids=["rf", "repa", "continuous"])
+def test_resume_equals_uninterrupted_run(tmp_path, variant):
     a, b = tmp_path / "a", tmp_path / "b"
-    run_train(a, "--max-steps", "6")
-    run_train(b, "--max-steps", "3")
+    run_train(a, "--max-steps", "6", *variant)
+    run_train(b, "--max-steps", "3", *variant)
     assert load_checkpoint(b / "ckpt.pt")["step"] == 3
-    run_train(b, "--max-steps", "6", "--resume")
+    run_train(b, "--max-steps", "6", "--resume", *variant)
 
     ca, cb = load_checkpoint(a / "ckpt.pt"), load_checkpoint(b / "ckpt.pt")
     assert ca["step"] == cb["step"] == 6
