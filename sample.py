@@ -39,8 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver")
     p.add_argument("--cfg-pix", type=float, default=None, help="pixel guidance w_pix (paper 3.0; 1 = off)")
     p.add_argument("--cfg-rep", type=float, default=None, help="rep-token logit guidance w_rep (paper 2.0; 1 = off)")
-    p.add_argument("--cfg-mode", choices=("joint", "split"), default=None,
-                   help="pixel guidance formula: joint (paper) or split (separate weight for the rep plan)")
+    p.add_argument("--cfg-mode", choices=("joint", "split", "norep"), default=None,
+                   help="pixel guidance formula: joint (paper), split (separate weight for the rep plan), "
+                        "or norep (rep tokens hidden from the pixels, a diagnostic)")
     p.add_argument("--cfg-pix-rep", type=float, default=None, help="with --cfg-mode split: weight of the rep plan")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("T0", "T1"),
                    help="apply pixel guidance only for t in [T0, T1] (t = 1 is clean)")

@@ -70,7 +70,7 @@ class FlowConfig:
     cfg_pix: float = 3.0           # pixel guidance w_pix (paper: 3.0)
     cfg_rep: float = 2.0           # rep-token logit guidance w_rep (paper: 2.0)
     cfg_interval: tuple = (0.0, 1.0)  # apply pixel CFG only for t in this interval
-    cfg_mode: str = "joint"        # "joint": v(0,0) + w (v(c,r) - v(0,0)) (paper); "split": see sampler.guide
+    cfg_mode: str = "joint"        # "joint": v(0,0) + w (v(c,r) - v(0,0)) (paper); "split", "norep": sampler.pixel_branches
     cfg_pix_rep: float = 1.0       # "split" only: guidance weight of the rep plan
     top_k: int = 0                 # rep-token top-k (0 = full distribution); paper: top-k, k not stated
     temperature: float = 1.0

@@ -39,26 +39,33 @@ def generation_score(model: RFModel, n: int = 64, seed: int = 0, batch_size: int
     and the samples under "images" / "prompts" (for a grid)."""
     pairs = held_out_prompts(n, seed=prompt_seed, size=model.cfg.image_size)
     gen = torch.Generator().manual_seed(seed)
-    rows, images = [], []
+    images = []
     for i in range(0, n, batch_size):
         chunk = pairs[i:i + batch_size]
         x, _ = text_to_image(model, [p for p, _ in chunk], generator=gen, **sample_overrides)
-        for img, (_, scene) in zip(tensor_to_images(x), chunk):
-            s = score_image(img, scene)
-            s["all_objects"] = float(s["object"] == 1.0)
-            rows.append((len(scene.objects), s))
-            images.append(img)
+        images += tensor_to_images(x)
+    out = group_scores(images, [s for _, s in pairs])
+    out["images"], out["prompts"] = images, [p for p, _ in pairs]
+    return out
+
+
+def group_scores(images, scenes) -> dict:
+    """(H, W, 3) uint8 images and the scenes they should show -> the GenEval groups above."""
+    rows = []
+    for img, scene in zip(images, scenes):
+        s = score_image(img, scene)
+        s["all_objects"] = float(s["object"] == 1.0)
+        rows.append((len(scene.objects), s))
 
     def mean(key, n_obj=None):
         vals = [s[key] for k, s in rows if n_obj is None or k == n_obj]
         return sum(vals) / len(vals) if vals else float("nan")
-    out = {"n": n, "object": mean("object"), "exact": mean("exact"),
+    out = {"n": len(rows), "object": mean("object"), "exact": mean("exact"),
            "single": mean("object", 1), "two": mean("all_objects", 2),
            "colors": mean("color"), "position": mean("position"),
            # score_image's "shape" asks for the shape in the object's own colour: attribution
            "color_attr": mean("shape", 2)}
     out["overall"] = sum(out[k] for k in ("single", "two", "colors", "position", "color_attr")) / 5
-    out["images"], out["prompts"] = images, [p for p, _ in pairs]
     return out
 
 

@@ -80,14 +80,18 @@ def pixel_branches(cfg_pix: float, cfg_mode: str) -> list[tuple[bool, bool]]:
     joint (paper default): (c, r) and (0, 0);  v = v(0,0) + w (v(c,r) - v(0,0))
     split:  (c, r), (0, 0) and (0, r);  v = v(0,0) + w_r (v(0,r) - v(0,0)) + w (v(c,r) - v(0,r)),
             guiding the rep plan and the prompt with separate weights (InstructPix2Pix-style).
+    norep:  (c, 0) and (0, 0): the rep tokens are sampled but hidden from the pixel block,
+            to see what the pixels do from the prompt alone (a diagnostic, nanorf.probe).
     """
+    if cfg_mode == "norep":
+        return [(True, True)] if cfg_pix == 1.0 else [(True, True), (False, True)]
     if cfg_pix == 1.0:
         return [(True, False)]
     if cfg_mode == "joint":
         return [(True, False), (False, True)]
     if cfg_mode == "split":
         return [(True, False), (False, True), (False, False)]
-    raise ValueError(f"unknown cfg_mode {cfg_mode!r}; use 'joint' or 'split'")
+    raise ValueError(f"unknown cfg_mode {cfg_mode!r}; use 'joint', 'split' or 'norep'")
 
 
 def guide(v: torch.Tensor, n: int, t: float, opt: dict) -> torch.Tensor:

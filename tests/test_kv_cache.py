@@ -14,7 +14,8 @@ PROMPTS = ["a red circle at the top left and a blue", "a green triangle"]  # tin
 @pytest.mark.parametrize("rf", [True, False])
 @pytest.mark.parametrize("guidance", [dict(), dict(cfg_pix=1.0), dict(cfg_rep=1.0), dict(cfg_pix=1.0, cfg_rep=1.0),
                                       dict(top_k=3, solver="heun", cfg_interval=(0.2, 0.8)),
-                                      dict(cfg_mode="split", cfg_pix_rep=2.0), dict(cfg_mode="split", cfg_rep=1.0)])
+                                      dict(cfg_mode="split", cfg_pix_rep=2.0), dict(cfg_mode="split", cfg_rep=1.0),
+                                      dict(cfg_mode="norep")])
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS])
 def test_cached_sampling_equals_reference(tiny_model, rf, guidance, prompts):
     m = tiny_model() if rf else tiny_model("model.rf=false")
@@ -83,6 +84,8 @@ def test_split_guidance_formula():
     assert pixel_branches(1.0, "split") == [(True, False)]
     assert pixel_branches(3.0, "joint") == [(True, False), (False, True)]
     assert pixel_branches(3.0, "split") == [(True, False), (False, True), (False, False)]
+    assert pixel_branches(3.0, "norep") == [(True, True), (False, True)]
+    assert pixel_branches(1.0, "norep") == [(True, True)]
     v = torch.tensor([[5.0], [1.0], [2.0]])  # v(c,r), v(0,0), v(0,r) for a batch of 1
     opt = {"cfg_pix": 3.0, "cfg_pix_rep": 2.0, "cfg_interval": (0.0, 1.0)}
     assert guide(v, 1, 0.5, opt).item() == 1 + 2 * (2 - 1) + 3 * (5 - 2)

@@ -1,0 +1,148 @@
+"""What the representation tokens carry, and what the pixel block does with them.
+
+    python -m nanorf.probe --ckpt out/ablate/rf-s0/ckpt.pt [--n 64] [--json probe.json]
+
+RF's claim (PAPER §3, Table 3a) is that the rep tokens plan the picture and the pixel
+block follows the plan. When a checkpoint falls short, this says which half fails:
+
+  codebook      how many of the K codes the held-out images use, and their perplexity
+                (exp of the entropy of the code histogram), for real images and for the
+                sampled rep tokens.
+  plan alone    how often the sampled rep tokens by themselves already get the layout
+                right. Each code is drawn as the mean image patch it covers over 2,048
+                training images; the resulting mosaic is scored like any sample. "real"
+                draws the held-out image's own codes the same way: the most that this
+                rendering of codes can show.
+  pixels given  the pixel block's samples, scored, when it is given (a) its own sampled
+                rep tokens, as in normal sampling; (b) none: the rep sequence hidden from
+                the pixel block in both CFG branches (cfg_mode "norep"); (c) the codes of
+                the real held-out image of the same scene (teacher forcing the plan).
+                (c) high and (a) low: the planner is wrong; (c) low: the pixel block cannot
+                draw even a right plan.
+
+The EMA encoder and codebook come from the checkpoint's "targets" (they are not part of
+the sampling model). Continuous-target checkpoints skip the code parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import numpy as np
+import torch
+
+from .data import ShapesWorld, held_out_prompts
+from .eval import group_scores
+from .model import RepresentationTargets, images_to_tensor, tensor_to_images
+from .sampler import sample_pixels, text_to_image
+
+KEYS = ("object", "colors", "position", "color_attr", "exact", "overall")
+
+
+def usage(codes: torch.Tensor, K: int) -> dict:
+    """Distinct codes and the perplexity of their histogram over all positions of (B, N) ids."""
+    p = torch.bincount(codes.flatten(), minlength=K).float()
+    p = p[p > 0] / p.sum()
+    return {"codes_used": int(p.numel()), "perplexity": float(math.exp(-(p * p.log()).sum()))}
+
+
+@torch.no_grad()
+def code_patches(targets: RepresentationTargets, size: int, rep_grid: int, n: int = 2048) -> torch.Tensor:
+    """(K, 3, s, s) mean image patch (in [-1, 1]) under each code, s = size / rep_grid, over n
+    training images; codes never used stay black (-1)."""
+    world, s, K = ShapesWorld(size, seed=0), size // rep_grid, targets.cfg.vq.codebook_size
+    total, count = torch.zeros(K, 3, s, s), torch.zeros(K)
+    for i in range(0, n, 256):
+        x = images_to_tensor([world[j]["image"] for j in range(i, min(n, i + 256))])
+        codes = targets(x, update=False).flatten()                               # (B*N,)
+        B = x.shape[0]
+        tiles = x.reshape(B, 3, rep_grid, s, rep_grid, s).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, s, s)
+        total.index_add_(0, codes, tiles)
+        count += torch.bincount(codes, minlength=K).float()
+    out = torch.full((K, 3, s, s), -1.0)
+    seen = count > 0
+    out[seen] = total[seen] / count[seen, None, None, None]
+    return out
+
+
+def mosaic(codes: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """(B, N) ids on a g x g grid -> (B, 3, g*s, g*s) images of the codes' mean patches."""
+    B, N = codes.shape
+    g, s = int(round(N ** 0.5)), patches.shape[-1]
+    tiles = patches[codes.flatten()].view(B, g, g, 3, s, s)
+    return tiles.permute(0, 3, 1, 4, 2, 5).reshape(B, 3, g * s, g * s)
+
+
+@torch.no_grad()
+def probe(model, targets: RepresentationTargets | None, n: int = 64, seed: int = 0) -> dict:
+    cfg = model.cfg
+    pairs = held_out_prompts(n, size=cfg.image_size)           # the prompts nanorf.eval scores
+    prompts, scenes = [p for p, _ in pairs], [s for _, s in pairs]
+    world = ShapesWorld(cfg.image_size, seed=1234, split="test")  # the same scenes, rendered
+    real = images_to_tensor([world[i]["image"] for i in range(n)])
+    score = lambda x: {k: round(v, 4) for k, v in group_scores(tensor_to_images(x), scenes).items() if k in KEYS}
+    out = {"n": n, "real_images": score(real)}
+
+    x, codes = text_to_image(model, prompts, torch.Generator().manual_seed(seed))
+    out["pixels_given_sampled_reps"] = score(x)
+    if not cfg.rf:
+        return out
+    x, _ = text_to_image(model, prompts, torch.Generator().manual_seed(seed), cfg_mode="norep")
+    out["pixels_given_no_reps"] = score(x)
+    f = cfg.flow
+    true = targets(real, update=False)                                            # ids or features
+    ids = [model.tok.encode(p, cfg.max_text_len) for p in prompts]
+    x = sample_pixels(model, ids, true, f.steps, f.cfg_pix, f.solver, f.shift, f.cfg_interval,
+                      torch.Generator().manual_seed(seed), f.cfg_mode, f.cfg_pix_rep)
+    out["pixels_given_real_reps"] = score(x)
+    if targets.vq is not None:
+        K = cfg.vq.codebook_size
+        out["codebook_real"], out["codebook_sampled"] = usage(true, K), usage(codes, K)
+        patches = code_patches(targets, cfg.image_size, cfg.rep_grid)
+        out["plan_alone_sampled"] = score(mosaic(codes, patches))
+        out["plan_alone_real"] = score(mosaic(true, patches))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Which half of RF falls short: the rep-token plan or the pixels.")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--n", type=int, default=64, help="held-out prompts (and their real renders) to use")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    from .checkpoint import CheckpointError, load_checkpoint, load_model
+    try:
+        if args.n < 1:
+            raise CheckpointError("--n must be at least 1")
+        model, cfg, step = load_model(args.ckpt)
+        ck = load_checkpoint(args.ckpt)
+    except CheckpointError as e:
+        print(f"nanorf.probe: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    targets = None
+    if ck.get("targets") is not None:
+        targets = RepresentationTargets(cfg.model, model.vit)
+        targets.load_state_dict(ck["targets"])
+        targets.eval()
+    r = probe(model, targets, args.n, args.seed)
+    print(f"{args.ckpt} (step {step}): {args.n} held-out prompts and their real renders")
+    print("| images scored | " + " | ".join(KEYS) + " |")
+    print("|---|" + "---|" * len(KEYS))
+    for name, v in r.items():
+        if isinstance(v, dict) and "object" in v:
+            print(f"| {name} | " + " | ".join(f"{v[k]:.3f}" for k in KEYS) + " |")
+    for name in ("codebook_real", "codebook_sampled"):
+        if name in r:
+            print(f"{name}: {r[name]['codes_used']} of {cfg.model.vq.codebook_size} codes, "
+                  f"perplexity {r[name]['perplexity']:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ckpt": args.ckpt, "step": step, **r}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""nanorf.probe: code usage, the mean-patch mosaic of a code plan, and the no-rep pixel mode."""
+
+import math
+
+import pytest
+import torch
+
+from nanorf.probe import mosaic, probe, usage
+from nanorf.sampler import sample_pixels
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_usage_hand_values():
+    u = usage(torch.tensor([[0, 0, 1, 1]]), K=8)
+    assert u["codes_used"] == 2 and u["perplexity"] == pytest.approx(2.0)
+    u = usage(torch.tensor([[3, 3, 3, 5]]), K=8)
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert u["codes_used"] == 2 and u["perplexity"] == pytest.approx(math.exp(h))
+
+
+def test_mosaic_places_each_codes_patch_in_raster_order():
+    patches = torch.arange(3 * 3 * 2 * 2, dtype=torch.float).view(3, 3, 2, 2)    # K=3 codes, 2x2 px
+    codes = torch.tensor([[2, 0, 1, 2]])                                           # 2x2 grid
+    img = mosaic(codes, patches)
+    assert img.shape == (1, 3, 4, 4)
+    assert torch.equal(img[0, :, :2, :2], patches[2]) and torch.equal(img[0, :, :2, 2:], patches[0])
+    assert torch.equal(img[0, :, 2:, :2], patches[1]) and torch.equal(img[0, :, 2:, 2:], patches[2])
+
+
+def test_norep_pixels_ignore_the_rep_tokens(tiny_model):
+    """cfg_mode "norep" hides the rep sequence from the pixel block in every branch: any codes,
+    same picture; the paper's joint mode does see them."""
+    m = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    c1, c2 = (torch.randint(0, 16, (1, m.n_rep), generator=g) for _ in range(2))
+    run = lambda codes, mode: sample_pixels(m, [[65, 66]], codes, 3, 3.0, generator=torch.Generator().manual_seed(1),
+                                            cfg_mode=mode)
+    assert torch.allclose(run(c1, "norep"), run(c2, "norep"), atol=1e-6)
+    assert not torch.allclose(run(c1, "joint"), run(c2, "joint"), atol=1e-4)
+
+
+def test_probe_runs_on_a_tiny_model(tiny_model, tiny_config):
+    from nanorf.model import RepresentationTargets
+    m = tiny_model("model.image_size=32", "model.patch_size=8", "model.vit.patch_size=8", "model.max_text_len=80")
+    targets = RepresentationTargets(m.cfg, m.vit).eval()
+    targets(torch.rand(8, 3, 32, 32) * 2 - 1)                                      # initialise the codebook
+    r = probe(m, targets, n=4)
+    assert r["real_images"]["object"] == 1.0                                       # the scorer reads renders
+    for k in ("pixels_given_sampled_reps", "pixels_given_no_reps", "pixels_given_real_reps",
+              "plan_alone_sampled", "plan_alone_real"):
+        assert set(r[k]) >= {"object", "position", "overall"}
+    assert 1 <= r["codebook_real"]["codes_used"] <= 16
