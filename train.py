@@ -45,6 +45,7 @@ from nanorf.config import PRESETS, Config, apply_overrides, get_config
 from nanorf.data import DataError, ImageCaptionFolder, ShapesWorld
 from nanorf.flow import sample_t
 from nanorf.model import RFModel, RepresentationTargets, images_to_tensor, validate
+from nanorf.pretrain_vit import load_vit_init
 from nanorf.variants import DIFF_MUL
 from nanorf.vq import codebook_stats
 
@@ -63,6 +64,8 @@ def parse_args(argv=None):
                    help="continuous rep targets: encoder features regressed by a per-position "
                         "diffusion head instead of VQ codes (Table 3c)")
     p.add_argument("--data", default=None, help="image folder with captions.jsonl instead of the shapes world")
+    p.add_argument("--vit-init", default=None,
+                   help="start the ViT from weights written by nanorf.pretrain_vit (a pretrained encoder, as the paper's DINOv3)")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt exactly")
     p.add_argument("--batch-size", type=int, default=None, help="global generation batch per step")
     p.add_argument("--micro-batch-size", type=int, default=None,
@@ -84,7 +87,7 @@ def build_config(args) -> Config:
     t, m = cfg.train, cfg.model
     for name, value in (("max_steps", args.max_steps), ("seed", args.seed), ("batch_size", args.batch_size),
                         ("micro_batch_size", args.micro_batch_size), ("lr", args.lr),
-                        ("data", args.data), ("eval_prompts", args.eval_prompts)):
+                        ("data", args.data), ("eval_prompts", args.eval_prompts), ("vit_init", args.vit_init)):
         if value is not None:
             setattr(t, name, value)
     if args.compile:
@@ -226,7 +229,10 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
     ckpt_path = out_dir / "ckpt.pt"
 
     torch.manual_seed(t.seed)
-    model = RFModel(cfg.model).to(device)
+    model = RFModel(cfg.model)
+    if t.vit_init and not resume:  # before the EMA copies are made; a resumed run has its own weights
+        model.vit.load_state_dict(load_vit_init(t.vit_init, cfg.model.vit))
+    model = model.to(device)
     needs_targets = cfg.model.rf or cfg.model.repa_weight
     targets = RepresentationTargets(cfg.model, model.vit).to(device) if needs_targets else None
     ema = ModelEMA(model, t.ema_decay)
@@ -365,6 +371,8 @@ def main(argv=None):
             raise CheckpointError(f"--resume: no checkpoint at {out_dir / 'ckpt.pt'}")
         if cfg.train.data:
             ImageCaptionFolder(cfg.train.data, cfg.model.image_size)  # fail early on a bad folder
+        if cfg.train.vit_init:
+            load_vit_init(cfg.train.vit_init, cfg.model.vit)  # fail early on a bad file
         res = train(cfg, out_dir, args.resume, args.device)
     except (CheckpointError, DataError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)

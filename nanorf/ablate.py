@@ -50,6 +50,8 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="variants to run")
     p.add_argument("--n", type=int, default=64, help="held-out prompts and images to score")
     p.add_argument("--out-dir", default="out/ablate", help="where runs, table and grid go")
+    p.add_argument("--vit-init", default=None,
+                   help="every run starts its ViT from these weights (nanorf.pretrain_vit; the paper's DINOv3)")
     args = p.parse_args(argv)
     from nanorf.checkpoint import load_checkpoint
     from nanorf.config import get_config
@@ -61,12 +63,18 @@ def main(argv=None):
         for seed in args.seeds:
             d = out / f"{v}-s{seed}"
             ck = d / "ckpt.pt"
-            done = ck.exists() and load_checkpoint(ck)["step"] >= steps
+            done = False
+            if ck.exists():
+                prev = load_checkpoint(ck)
+                if prev["config"]["train"].get("vit_init", "") != (args.vit_init or ""):
+                    sys.exit(f"nanorf.ablate: error: {d} was trained with another --vit-init; use another --out-dir")
+                done = prev["step"] >= steps
             wall = None
             if not done:
                 t0 = time.time()
                 run([sys.executable, "train.py", "--config", args.config, "--out-dir", str(d), "--seed", str(seed),
-                     "--max-steps", str(steps), "--eval-prompts", "0", *VARIANTS[v]], out / f"{v}-s{seed}.train.log")
+                     "--max-steps", str(steps), "--eval-prompts", "0", *VARIANTS[v],
+                     *(["--vit-init", args.vit_init] if args.vit_init else [])], out / f"{v}-s{seed}.train.log")
                 wall = time.time() - t0
                 (d / "wall.txt").write_text(f"{wall:.0f}\n")
             elif (d / "wall.txt").exists():
@@ -87,7 +95,8 @@ def write_table(results, args, steps, out: Path):
         xs = [results[(v, s)][group][key] for s in args.seeds]
         return f"{np.mean(xs):.3f} ± {(max(xs) - min(xs)) / 2:.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
     lines = [f"Shapes world, `{args.config}` preset, {steps} steps, seeds {args.seeds}, {args.n} held-out prompts "
-             f"and images; mean ± half the range over seeds.", "",
+             f"and images; mean ± half the range over seeds"
+             + (f"; every ViT starts from `{args.vit_init}`." if args.vit_init else "."), "",
              "| variant | paper GenEval (Table 3) | " + " | ".join(GEN_KEYS) + " | wall-clock per run |",
              "|---|---|" + "---|" * (len(GEN_KEYS) + 1)]
     for v in args.variants:

@@ -127,6 +127,7 @@ class TrainConfig:
     seed: int = 0
     compile: bool = False
     data: str = ""                 # "" = the shapes world; else an image-caption folder
+    vit_init: str = ""             # "" = random ViT; else weights from nanorf.pretrain_vit (the paper: DINOv3)
     num_workers: int = 0
 
 

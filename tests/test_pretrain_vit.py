@@ -1,0 +1,51 @@
+"""Stage 0 (nanorf.pretrain_vit): patch labels by hand, and train.py --vit-init."""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from nanorf.checkpoint import load_checkpoint
+from nanorf.data import Obj, Scene, render
+from nanorf.pretrain_vit import load_vit_init, patch_labels, pretrain, save_vit
+
+from test_train import TINY, expect_cli_error
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_patch_labels_by_hand():
+    scene = Scene((Obj("green", "square", "top left"), Obj("blue", "triangle", "bottom right")))
+    img = render(scene, 48, random.Random(0))
+    lab = patch_labels(img, scene, 4).view(12, 12)
+    green_square, blue_triangle = 1 + 3 * 1 + 1, 1 + 3 * 2 + 2                  # COLORS / SHAPES order
+    # the centre patch of each cell is inside its object; the centre cell is empty
+    assert lab[1, 1] == green_square and lab[10, 10] == blue_triangle and lab[6, 6] == 0
+    assert set(lab.unique().tolist()) == {0, green_square, blue_triangle}
+    # a patch is labelled only where its object covers >= 1/4 of it
+    px = torch.from_numpy((img != 0).any(-1)).view(12, 4, 12, 4).float().mean((1, 3))
+    assert torch.equal(lab > 0, px >= 0.25)
+
+
+def test_vit_init_loads_the_pretrained_weights(tmp_path, tiny_config, capsys):
+    vcfg = tiny_config().model.vit
+    vit, acc = pretrain(vcfg, size=16, steps=2, batch_size=4, log=lambda *_: None)
+    assert set(acc) == {"patch", "object_patch", "shape_of_object_patch"}
+    path = tmp_path / "vit.pt"
+    save_vit(path, vit, acc)
+    assert all(torch.equal(a, b) for a, b in zip(load_vit_init(str(path), vcfg).values(), vit.state_dict().values()))
+    # with lr 0 the run's ViT (and the target encoder's EMA copy) is exactly the loaded one
+    train.main([*TINY, "--out-dir", str(tmp_path / "run"), "--max-steps", "1", "--lr", "0", "--vit-init", str(path)])
+    ck = load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert ck["config"]["train"]["vit_init"] == str(path)
+    for k, v in vit.state_dict().items():
+        assert torch.equal(ck["model"]["vit." + k], v), k
+        assert torch.allclose(ck["targets"]["encoder.encoder." + k], v, atol=1e-6), k  # one EMA step of p to p
+    # a missing file and a ViT of another shape fail with one line
+    expect_cli_error(capsys, lambda: train.main([*TINY, "--out-dir", str(tmp_path / "x"), "--vit-init",
+                                                 str(tmp_path / "nope.pt")]), "train.py: error: --vit-init: no file")
+    expect_cli_error(capsys, lambda: train.main([*TINY, "--out-dir", str(tmp_path / "x"), "--vit-init", str(path),
+                                                 "--set", "model.vit.depth=2"]), "train.py: error: --vit-init:")
+    assert not (tmp_path / "x").exists()
