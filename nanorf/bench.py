@@ -2,7 +2,7 @@
 sampler against the reference one, measured side by side in one run.
 
     python -m nanorf.bench              # everything (a few minutes on 2 CPU cores)
-    python -m nanorf.bench --quick      # fewer repeats, smaller 1024-px probe
+    python -m nanorf.bench --quick      # fewer repeats, only the narrow 1024-px probe, fitted decode
 
 FLOPs are counted analytically from the shapes of the actual padded batch (matmuls
 and attention only, 2 FLOPs per multiply-add, backward = 2x forward), so the model
@@ -120,43 +120,49 @@ def bench_sampling(model: RFModel, prompts, steps: int, repeat: int = 2) -> dict
     return {"cached": cached / len(prompts), "uncached": ref / len(prompts), "ratio": ref / cached}
 
 
-def paper1024_probe(dim: int, depth: int, quick: bool) -> dict:
-    """The paper's 1024-px token counts (1,024 rep tokens, 4,096 pixel patches) on a narrow
-    random model: rep decoding cached vs uncached, and one cached diffusion step against a
-    forward over the pixel block alone."""
+def uncached_decode_s(m: RFModel, prompt, fit: bool) -> float:
+    """Seconds the reference sampler takes to decode m.n_rep rep tokens (batch 1, no CFG):
+    token i re-runs a forward over the whole prefix, i rep tokens long. fit=False times
+    them all; fit=True times the forwards at 9 prefix lengths and sums a least-squares
+    a + b i + c i^2 over all i (linear layers cost ~i, attention ~i^2)."""
+    from .sampler import sample_rep_tokens
+    N = m.n_rep
+    if not fit:
+        t0 = time.perf_counter()
+        sample_rep_tokens(m, prompt, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
+        return time.perf_counter() - t0
+    codes = torch.zeros(1, N, dtype=torch.long)
+    xs = torch.linspace(0, N - 1, 9).round().long().tolist()
+    ys = [timeit(lambda: m.gen_forward(prompt, codes[:, :i], None, None), 2) for i in xs]
+    A = torch.tensor([[1.0, i, i * i] for i in xs], dtype=torch.float64)
+    coef = torch.linalg.lstsq(A, torch.tensor(ys, dtype=torch.float64)[:, None]).solution[:, 0]
+    i = torch.arange(N, dtype=torch.float64)
+    return float((coef[0] + coef[1] * i + coef[2] * i * i).sum())
+
+
+def paper1024_probe(dim: int, depth: int, heads: int, fit: bool) -> dict:
+    """The paper's 1024-px token counts (1,024 rep tokens, 4,096 pixel patches) on a random
+    model that runs here: rep decoding cached vs uncached, and one cached diffusion step
+    against the uncached one and against a forward over the pixel block alone."""
     cfg = get_config("paper1024")
-    apply_overrides(cfg, [f"model.mot.dim={dim}", f"model.mot.depth={depth}", f"model.mot.heads={max(1, dim // 32)}",
+    apply_overrides(cfg, [f"model.mot.dim={dim}", f"model.mot.depth={depth}", f"model.mot.heads={heads}",
                           "model.vit.dim=64", "model.vit.depth=1", "model.vit.heads=1", "model.vq.codebook_size=1024"])
     torch.manual_seed(0)
     m = RFModel(cfg.model).eval()
-    out = {"n_rep": m.n_rep, "n_pix": m.n_pix, "dim": dim, "depth": depth}
+    out = {"n_rep": m.n_rep, "n_pix": m.n_pix, "dim": dim, "depth": depth, "heads": heads, "fit": fit}
     prompt = [m.tok.encode("a red circle at the top left")]
-    # rep tokens decoded uncached: all of them, or with --quick the first 64 and the rest
-    # extrapolated by the summed prefix length (each uncached token re-runs its whole prefix)
-    n_dec = 64 if quick else out["n_rep"]
-    from .sampler import sample_rep_tokens
     with torch.no_grad():
-        # cached: all 1,024 tokens
+        # cached: prefill, then every token one single-token step
         t0 = time.perf_counter()
         lay = m.gen_layout(prompt, 0, 0)
         _, cache = prefill(m, lay, m.embed(lay), m.n_rep + 1)
         pos = lay.pos[:, -1:] + 1
         codes = torch.zeros(1, m.n_rep, dtype=torch.long)
         for i in range(m.n_rep):
-            _step(m, cache, m.embed_rep(codes[:, i:i + 1], i), 1, pos + i, cache.mask(1, bidir=False), write=True)
+            h = _step(m, cache, m.embed_rep(codes[:, i:i + 1], i), 1, pos + i, cache.mask(1, bidir=False), write=True)
+            m.rep_head(h[:, -1])
         out["decode_cached_s"] = time.perf_counter() - t0
-        # uncached: the reference sampler's cost for token i is one forward over i tokens
-        t0 = time.perf_counter()
-        m.n_rep = n_dec
-        sample_rep_tokens(m, prompt, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
-        part = time.perf_counter() - t0
-        m.n_rep = out["n_rep"]
-        # cost of the forwards over prefixes n_dec+1 .. 1024 scales with their summed length
-        L0 = lay.tokens.shape[1]
-        full = sum(L0 + i for i in range(out["n_rep"]))
-        done = sum(L0 + i for i in range(n_dec))
-        out["decode_uncached_s"] = part * full / done
-        out["decode_uncached_measured_tokens"] = n_dec
+        out["decode_uncached_s"] = uncached_decode_s(m, prompt, fit)
         # [BOP], then one diffusion step with and without the prefix
         _step(m, cache, m.tok_emb(torch.full((1, 1), m.tok.bop)), PIX, pos + m.n_rep, cache.mask(1, False), True)
         z = torch.randn(1, m.n_pix, cfg.model.patch_size ** 2 * 3)
@@ -167,10 +173,24 @@ def paper1024_probe(dim: int, depth: int, quick: bool) -> dict:
         pix_only = lambda: m.pix_head(m.mot(m.embed_pix(z, t), torch.full((1, m.n_pix), PIX), pix_pos.expand(1, m.n_pix),
                                             torch.ones(1, 1, m.n_pix, m.n_pix, dtype=torch.bool)))
         step_alone = timeit(pix_only, 2)
-        codes_full = torch.zeros(1, m.n_rep, dtype=torch.long)
-        step_uncached = timeit(lambda: m.gen_forward(prompt, codes_full, z, t), 1)
+        step_uncached = timeit(lambda: m.gen_forward(prompt, codes, z, t), 1)
     out.update(step_cached_s=step_cached, step_pixels_alone_s=step_alone, step_uncached_s=step_uncached)
     return out
+
+
+def report_1024(r: dict):
+    print(f"paper 1024-px token counts ({r['n_rep']} rep tokens, {r['n_pix']} pixel patches; random model, "
+          f"dim {r['dim']}, {r['heads']} heads, depth {r['depth']}, batch 1, no CFG):")
+    print(f"  decode {r['n_rep']} rep tokens: cached {r['decode_cached_s']:.1f}s, uncached {r['decode_uncached_s']:.1f}s "
+          + ("(9 prefix lengths timed, a + b i + c i^2 fit summed over all), " if r["fit"] else "(all measured), ")
+          + f"speed-up {r['decode_uncached_s'] / r['decode_cached_s']:.1f}x")
+    print(f"  one diffusion step: cached {r['step_cached_s']:.3f}s, uncached {r['step_uncached_s']:.3f}s, "
+          f"pixel block alone {r['step_pixels_alone_s']:.3f}s -> cached / pixels-alone = "
+          f"{r['step_cached_s'] / r['step_pixels_alone_s']:.2f}")
+    per_img_c = r["decode_cached_s"] + 25 * r["step_cached_s"]
+    per_img_u = r["decode_uncached_s"] + 25 * r["step_uncached_s"]
+    print(f"  per image at 25 steps: cached {per_img_c:.1f}s, uncached {per_img_u:.1f}s, "
+          f"speed-up {per_img_u / per_img_c:.1f}x")
 
 
 def main(argv=None):
@@ -196,19 +216,11 @@ def main(argv=None):
     s = bench_sampling(toy, prompts, args.steps, rep)
     print(f"sample toy, {args.steps} steps, CFG on, batch {len(prompts)}: cached {s['cached'] * 1e3:.1f} ms/image, "
           f"uncached {s['uncached'] * 1e3:.1f} ms/image, speed-up {s['ratio']:.1f}x")
-    r = paper1024_probe(64, 2, args.quick)
-    print(f"paper 1024-px token counts ({r['n_rep']} rep tokens, {r['n_pix']} pixel patches; random model, "
-          f"dim {r['dim']}, depth {r['depth']}, batch 1, no CFG):")
-    print(f"  decode {r['n_rep']} rep tokens: cached {r['decode_cached_s']:.1f}s, uncached {r['decode_uncached_s']:.1f}s "
-          + (f"(measured on the first {r['decode_uncached_measured_tokens']}, scaled by summed length), "
-             if r['decode_uncached_measured_tokens'] < r['n_rep'] else "(all measured), ") +
-          f"speed-up {r['decode_uncached_s'] / r['decode_cached_s']:.1f}x")
-    print(f"  one diffusion step: cached {r['step_cached_s']:.3f}s, uncached {r['step_uncached_s']:.3f}s, "
-          f"pixel block alone {r['step_pixels_alone_s']:.3f}s -> cached / pixels-alone = "
-          f"{r['step_cached_s'] / r['step_pixels_alone_s']:.2f}")
-    per_img_c = r["decode_cached_s"] + 25 * r["step_cached_s"]
-    per_img_u = r["decode_uncached_s"] + 25 * r["step_uncached_s"]
-    print(f"  per image at 25 steps: cached {per_img_c:.1f}s, uncached {per_img_u:.1f}s, speed-up {per_img_u / per_img_c:.1f}x")
+    # narrow: every uncached token timed; paper width: Qwen3-30B-A3B's hidden size 2048 in
+    # heads of 128, one block, so matmuls and attention weigh what they weigh in the paper's trunk
+    report_1024(paper1024_probe(64, 2, 2, fit=args.quick))
+    if not args.quick:
+        report_1024(paper1024_probe(2048, 1, 16, fit=True))
 
 
 if __name__ == "__main__":

@@ -240,6 +240,8 @@ class MoT(nn.Module):
         with `tap`, also the residual stream (B, L, D) after `tap` blocks (REPA's target layer)."""
         routing = Routing(modality)
         cos, sin = rope_cos_sin(pos, self.cfg.dim // self.cfg.heads, self.cfg.rope_base)
+        if mask.all():  # e.g. a pixel block against its whole prefix: SDPA's unmasked kernel is faster
+            mask = None
         tapped = x if tap == 0 else None
         for i, blk in enumerate(self.blocks):
             prefix = cache.prefix(i) if cache is not None and cache.len else None
