@@ -7,7 +7,8 @@
 Each variant x seed is one `train.py` run in its own process (so every run has the
 machine to itself and its wall-clock is honest), then `nanorf.eval` scores it on the
 same held-out prompts and images. A run whose checkpoint already reached the budget is
-reused, so an interrupted ablation picks up where it stopped. Writes
+reused, and so is its score when it is newer than the checkpoint and used the same --n,
+so an interrupted ablation picks up where it stopped. Writes
 <out-dir>/results.md (the table, mean +- spread over seeds), results.json, and
 grid.png (the same prompts, one row per variant, seed 0).
 """
@@ -79,9 +80,13 @@ def main(argv=None):
                 (d / "wall.txt").write_text(f"{wall:.0f}\n")
             elif (d / "wall.txt").exists():
                 wall = float((d / "wall.txt").read_text())
-            run([sys.executable, "-m", "nanorf.eval", "--ckpt", str(ck), "--n", str(args.n), "--json",
-                 str(d / "eval.json")], out / f"{v}-s{seed}.eval.log")
-            r = json.loads((d / "eval.json").read_text())
+            ev = d / "eval.json"
+            fresh = (ev.exists() and ev.stat().st_mtime >= ck.stat().st_mtime
+                     and json.loads(ev.read_text())["generation"]["n"] == args.n)
+            if not fresh:  # a score of this very checkpoint at this --n is reused too
+                run([sys.executable, "-m", "nanorf.eval", "--ckpt", str(ck), "--n", str(args.n), "--json", str(ev)],
+                    out / f"{v}-s{seed}.eval.log")
+            r = json.loads(ev.read_text())
             r["wall_s"] = wall
             results[(v, seed)] = r
             print(f"{v} seed {seed}: object {r['generation']['object']:.3f}, overall {r['generation']['overall']:.3f}"
