@@ -10,6 +10,8 @@ helper process per rank, and run all DDP scenarios in that one launch to pay the
   accum   the same with --micro-batch-size 2 (2 micro-steps per rank)
   fresh   world 2 from scratch, 1 step
   shapes  world 2 from scratch on the shapes world, 1 step, with the end-of-run eval
+  variants  world 2 from scratch, 2 steps, continuous rep targets and the REPA loss together
+            (the ablations' own random draws and targets)
 
 The compared runs train on a folder of random-noise images (see noise_folder) with no LR
 warmup, so the weights move ~1e-3 per step against a 1e-5 tolerance.
@@ -137,9 +139,10 @@ def runs(tmp_path_factory):
                 (tmp / name / who).mkdir(parents=True)
                 shutil.copy(base / "ckpt.pt", tmp / name / who / "ckpt.pt")
                 shutil.copy(base / "log.jsonl", tmp / name / who / "log.jsonl")
-        for name in ("resume", "accum", "fresh", "shapes"):
+        for name in ("resume", "accum", "fresh", "shapes", "variants"):
             d[name] = tmp / name
-        ports = free_ports(4)
+        ports = free_ports(5)
+        variants = [*data, "--continuous-rep", "--repa", "--max-steps", "2"]
         scenarios = [
             {"port": ports[0], "argv": ranked_argv([*data, "--resume", "--max-steps", "3"],
                                                    [d["resume"] / "rank0", d["resume"] / "rank1"])},
@@ -150,6 +153,7 @@ def runs(tmp_path_factory):
             # the shapes world with its end-of-run eval, to see what each rank writes
             {"port": ports[3], "argv": ranked_argv(["--max-steps", "1", "--eval-prompts", "2"],
                                                    [d["shapes"] / "rank0", d["shapes"] / "rank1"])},
+            {"port": ports[4], "argv": ranked_argv(variants, [d["variants"] / "rank0", d["variants"] / "rank1"])},
         ]
         procs = start_ranks(tmp, scenarios)
         try:
@@ -159,6 +163,7 @@ def runs(tmp_path_factory):
             # so even the per-micro-step codebook updates agree
             train.main([*TINY, *data, "--resume", "--max-steps", "3", "--micro-batch-size", "4",
                         "--out-dir", str(d["accum"] / "ref")])
+            train.main([*TINY, *variants, "--out-dir", str(d["variants"] / "ref")])
         finally:
             wait_ranks(tmp, procs)
         yield d
@@ -229,6 +234,16 @@ def test_ddp_fresh_run_matches_single_process(runs):
     ddp = load_checkpoint(runs["fresh"] / "rank0" / "ckpt.pt")
     torch.testing.assert_close(ref["targets"]["vq.prototypes"], ddp["targets"]["vq.prototypes"], rtol=0, atol=ATOL)
     assert_same_training(runs["base"], runs["fresh"] / "rank0", 1)
+
+
+def test_ddp_ablation_variants_match_single_process(runs):
+    ref, ddp = runs["variants"] / "ref", runs["variants"] / "rank0"
+    assert_same_training(ref, ddp, 2)
+    ck = load_checkpoint(ddp / "ckpt.pt")
+    assert ck["config"]["model"]["rep_target"] == "continuous" and ck["config"]["model"]["repa_weight"] == 0.5
+    assert "repa_proj.net.0.weight" in ck["model"] and "rep_head.out.weight" in ck["model"]
+    for a, b in zip(read_log(ref), read_log(ddp)):
+        assert a["rep"] == pytest.approx(b["rep"], abs=2e-4) and a["rep"] > 0
 
 
 def test_ddp_logged_losses_are_global(runs):
