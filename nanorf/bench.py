@@ -195,7 +195,7 @@ def report_1024(r: dict):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="nanorf throughput benchmark (prints ratios measured in one run).")
-    p.add_argument("--quick", action="store_true", help="fewer repeats and a shorter uncached decode probe")
+    p.add_argument("--quick", action="store_true", help="fewer repeats; only the narrow 1024-px probe, its uncached decode fitted")
     p.add_argument("--steps", type=int, default=25, help="ODE steps for the toy sampling benchmark")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     args = p.parse_args(argv)
