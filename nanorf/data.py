@@ -331,6 +331,14 @@ def _shape_of(ys: np.ndarray, xs: np.ndarray) -> str:
     return "square" if fill > SQUARE_FILL else "circle"
 
 
+def palette_index(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB -> (H, W) index of the nearest of black and the palette (Euclidean RGB):
+    0 background, k -> COLORS[k - 1]."""
+    refs = np.array([(0, 0, 0), *PALETTE.values()], np.float32)  # (7, 3): background first
+    dist = ((image[:, :, None, :].astype(np.float32) - refs) ** 2).sum(-1)  # (H, W, 7)
+    return dist.argmin(-1)
+
+
 def detect(image: np.ndarray) -> list[Detection]:
     """The significant single-colour components of an (H, W, 3) uint8 RGB image."""
     image = np.asarray(image)
@@ -338,9 +346,7 @@ def detect(image: np.ndarray) -> list[Detection]:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
     h, w = image.shape[:2]
-    refs = np.array([(0, 0, 0), *PALETTE.values()], np.float32)  # (7, 3): background first
-    dist = ((image[:, :, None, :].astype(np.float32) - refs) ** 2).sum(-1)  # (H, W, 7)
-    cls = dist.argmin(-1)  # (H, W): 0 background, k -> COLORS[k - 1]
+    cls = palette_index(image)
     labels = _components(cls)
     ids, areas = np.unique(labels[labels >= 0], return_counts=True)
     found = []

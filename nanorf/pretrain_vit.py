@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import PRESETS, ViTConfig, get_config
-from .data import COLORS, PALETTE, SHAPES, ShapesWorld
+from .data import COLORS, SHAPES, ShapesWorld, palette_index
 from .model import images_to_tensor
 from .vit import ViT
 
@@ -45,14 +45,13 @@ N_CLASSES = 1 + len(COLORS) * len(SHAPES)
 def patch_labels(image: np.ndarray, scene, patch: int) -> torch.Tensor:
     """(H, W, 3) uint8 render and its scene -> (H/p * W/p,) class ids in raster order:
     0 background, 1 + 3 * colour + shape for the object covering >= 1/4 of the patch."""
-    refs = np.array([(0, 0, 0), *PALETTE.values()], np.float32)                   # background first
-    cls = ((image[:, :, None].astype(np.float32) - refs) ** 2).sum(-1).argmin(-1)  # (H, W) 0..6
+    cls = palette_index(image)                                                    # (H, W) 0..6
     shape_of = {COLORS.index(o.color) + 1: SHAPES.index(o.shape) for o in scene.objects}
     H, W = cls.shape
     tiles = cls.reshape(H // patch, patch, W // patch, patch).transpose(0, 2, 1, 3).reshape(-1, patch * patch)
     out = []
     for t in tiles:
-        counts = np.bincount(t, minlength=len(refs))
+        counts = np.bincount(t, minlength=1 + len(COLORS))
         counts[0] = 0
         c = int(counts.argmax())
         ok = counts[c] * 4 >= patch * patch and c in shape_of

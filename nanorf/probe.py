@@ -36,7 +36,7 @@ import torch
 
 from .data import ShapesWorld, held_out_prompts
 from .eval import group_scores
-from .model import RepresentationTargets, images_to_tensor, tensor_to_images
+from .model import RepresentationTargets, images_to_tensor, patchify, tensor_to_images, unpatchify
 from .sampler import sample_pixels, text_to_image
 
 KEYS = ("object", "colors", "position", "color_attr", "exact", "overall")
@@ -51,29 +51,25 @@ def usage(codes: torch.Tensor, K: int) -> dict:
 
 @torch.no_grad()
 def code_patches(targets: RepresentationTargets, size: int, rep_grid: int, n: int = 2048) -> torch.Tensor:
-    """(K, 3, s, s) mean image patch (in [-1, 1]) under each code, s = size / rep_grid, over n
-    training images; codes never used stay black (-1)."""
+    """(K, s*s*3) mean image patch (in [-1, 1], model.patchify's layout) under each code,
+    s = size / rep_grid, over n training images; codes never used stay black (-1)."""
     world, s, K = ShapesWorld(size, seed=0), size // rep_grid, targets.cfg.vq.codebook_size
-    total, count = torch.zeros(K, 3, s, s), torch.zeros(K)
+    total, count = torch.zeros(K, s * s * 3), torch.zeros(K)
     for i in range(0, n, 256):
         x = images_to_tensor([world[j]["image"] for j in range(i, min(n, i + 256))])
         codes = targets(x, update=False).flatten()                               # (B*N,)
-        B = x.shape[0]
-        tiles = x.reshape(B, 3, rep_grid, s, rep_grid, s).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, s, s)
-        total.index_add_(0, codes, tiles)
+        total.index_add_(0, codes, patchify(x, s).flatten(0, 1))                 # tiles (B*N, s*s*3)
         count += torch.bincount(codes, minlength=K).float()
-    out = torch.full((K, 3, s, s), -1.0)
+    out = torch.full((K, s * s * 3), -1.0)
     seen = count > 0
-    out[seen] = total[seen] / count[seen, None, None, None]
+    out[seen] = total[seen] / count[seen, None]
     return out
 
 
 def mosaic(codes: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     """(B, N) ids on a g x g grid -> (B, 3, g*s, g*s) images of the codes' mean patches."""
-    B, N = codes.shape
-    g, s = int(round(N ** 0.5)), patches.shape[-1]
-    tiles = patches[codes.flatten()].view(B, g, g, 3, s, s)
-    return tiles.permute(0, 3, 1, 4, 2, 5).reshape(B, 3, g * s, g * s)
+    g, s = int(round(codes.shape[1] ** 0.5)), int(round((patches.shape[1] // 3) ** 0.5))
+    return unpatchify(patches[codes], s, g, g)
 
 
 @torch.no_grad()

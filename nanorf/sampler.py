@@ -55,6 +55,13 @@ def draw_rep(model: RFModel, out: torch.Tensor, B: int, cfg_rep: float, top_k: i
     return sample_logits(logits[:B], top_k, temperature, generator)
 
 
+def rep_buffer(model: RFModel, rows: int, n: int, device) -> torch.Tensor:
+    """Zeros to hold n rep tokens per row: ids (rows, n), or continuous features (rows, n, D_vit)."""
+    if getattr(model, "continuous", False):
+        return torch.zeros(rows, n, model.cfg.vit.dim, device=device)
+    return torch.zeros(rows, n, dtype=torch.long, device=device)
+
+
 @torch.no_grad()
 def sample_rep_tokens(model: RFModel, prompts: list[list[int]], cfg_rep: float, top_k: int,
                       temperature: float, generator=None, steps: int = 25) -> torch.Tensor:
@@ -64,8 +71,7 @@ def sample_rep_tokens(model: RFModel, prompts: list[list[int]], cfg_rep: float, 
     dev = next(model.parameters()).device
     guided = cfg_rep != 1.0
     batch = prompts + [[] for _ in prompts] if guided else prompts
-    feat = (model.cfg.vit.dim,) if getattr(model, "continuous", False) else ()
-    codes = torch.zeros(len(batch), 0, *feat, dtype=torch.float if feat else torch.long, device=dev)
+    codes = rep_buffer(model, len(batch), 0, dev)
     for _ in range(N):
         out, _ = model.gen_forward(batch, codes, None, None)                       # (B or 2B, n+1, K or D)
         nxt = draw_rep(model, out[:, -1], B, cfg_rep, top_k, temperature, steps, generator)
@@ -189,8 +195,7 @@ def sample_cached(model: RFModel, prompts: list[list[int]], opt: dict, generator
 
     codes = None
     if cfg.rf:
-        feat = (cfg.vit.dim,) if model.continuous else ()
-        codes = torch.zeros(R, N, *feat, dtype=torch.float if feat else torch.long, device=dev)
+        codes = rep_buffer(model, R, N, dev)
         last = h[:, -1]                                                            # [BOR]'s hidden (R, D)
         for i in range(N):
             nxt = draw_rep(model, model.rep_readout(last), B, opt["cfg_rep"], opt["top_k"], opt["temperature"],

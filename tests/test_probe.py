@@ -20,12 +20,13 @@ def test_usage_hand_values():
 
 
 def test_mosaic_places_each_codes_patch_in_raster_order():
-    patches = torch.arange(3 * 3 * 2 * 2, dtype=torch.float).view(3, 3, 2, 2)    # K=3 codes, 2x2 px
+    tiles = torch.arange(3 * 3 * 2 * 2, dtype=torch.float).view(3, 3, 2, 2)      # K=3 codes, (3, 2, 2) px
+    patches = tiles.permute(0, 2, 3, 1).reshape(3, 12)                            # patchify's (y, x, c) order
     codes = torch.tensor([[2, 0, 1, 2]])                                           # 2x2 grid
     img = mosaic(codes, patches)
     assert img.shape == (1, 3, 4, 4)
-    assert torch.equal(img[0, :, :2, :2], patches[2]) and torch.equal(img[0, :, :2, 2:], patches[0])
-    assert torch.equal(img[0, :, 2:, :2], patches[1]) and torch.equal(img[0, :, 2:, 2:], patches[2])
+    assert torch.equal(img[0, :, :2, :2], tiles[2]) and torch.equal(img[0, :, :2, 2:], tiles[0])
+    assert torch.equal(img[0, :, 2:, :2], tiles[1]) and torch.equal(img[0, :, 2:, 2:], tiles[2])
 
 
 def test_norep_pixels_ignore_the_rep_tokens(tiny_model):
