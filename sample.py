@@ -1,4 +1,4 @@
-"""Sample from a trained nanorf checkpoint: text -> image, and image -> text (PAPER §5).
+"""Sample from a trained nanorf checkpoint: text -> image, and image -> text (docs/method.md, "Sampling").
 
     python sample.py --ckpt out/toy/ckpt.pt --prompt "a red circle at the top left" --out red.png
     python sample.py --ckpt out/toy/ckpt.pt --prompts-file prompts.txt --out-dir samples/

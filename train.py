@@ -1,4 +1,5 @@
-"""Train nanorf: L = L_LM + L_Rep + L_FM on one process or under torchrun (PAPER §6).
+"""Train nanorf: L = L_LM + L_Rep + L_FM on one process or under torchrun
+(docs/method.md, "Training recipe and stages").
 
     python train.py                                   # toy preset on CPU, writes out/toy/
     python train.py --config toy --max-steps 200 --out-dir out/x --seed 0
@@ -12,42 +13,38 @@
 One step = one global batch of `batch_size` generation examples and `und_batch_size`
 understanding examples, split over ranks and gradient-accumulation micro-steps.
 Every random draw of a step (which examples, t, noise, CFG drops) is a function of
-(seed, step, example index), never of the rank or the micro-step, so a run gives the
-same result on any number of processes and resumes exactly from a checkpoint that
-holds only weights, optimiser, codebook and the step.
+(seed, step, example index), never of the rank or the micro-step (nanorf/stream.py), so a run
+gives the same result on any number of processes and resumes exactly from a checkpoint
+that holds only weights, optimiser, codebook and the step.
 
-Per step: EMA encoder + online VQ turn the clean images into target codes; forward
-and backward on every micro-batch (DDP syncs gradients on the last one only); clip;
-AdamW (0.9, 0.95, wd 0.1) with linear warmup then constant LR; then the target
-encoder's EMA and the sampling EMA of the whole model are updated.
+The step (in `train`, top to bottom): the EMA encoder + online VQ turn the clean images
+into target codes; forward and backward on every micro-batch (DDP syncs gradients on the
+last one only); clip; AdamW (0.9, 0.95, wd 0.1) with linear warmup then constant LR; then
+the target encoder's EMA and the sampling EMA of the whole model are updated.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import os
-import random
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanorf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from nanorf.checkpoint import CheckpointError, load_checkpoint, load_vit_weights, save_checkpoint
 from nanorf.config import PRESETS, Config, apply_overrides, get_config
-from nanorf.data import DataError, ImageCaptionFolder, ShapesWorld
-from nanorf.flow import sample_t
-from nanorf.model import RFModel, RepresentationTargets, images_to_tensor, validate
-from nanorf.pretrain_vit import load_vit_init
-from nanorf.variants import DIFF_MUL
-from nanorf.vq import codebook_stats
+from nanorf.data import DataError, ImageCaptionFolder
+from nanorf.model import RepresentationTargets, validate
+from nanorf.stream import Stream
+from nanorf.variants import build_model
 
 
 def parse_args(argv=None):
@@ -65,7 +62,7 @@ def parse_args(argv=None):
                         "diffusion head instead of VQ codes (Table 3c)")
     p.add_argument("--data", default=None, help="image folder with captions.jsonl instead of the shapes world")
     p.add_argument("--vit-init", default=None,
-                   help="start the ViT from weights written by nanorf.pretrain_vit (a pretrained encoder, as the paper's DINOv3)")
+                   help="start the ViT from weights written by experiments.pretrain_vit (a pretrained encoder, as the paper's DINOv3)")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt exactly")
     p.add_argument("--batch-size", type=int, default=None, help="global generation batch per step")
     p.add_argument("--micro-batch-size", type=int, default=None,
@@ -106,12 +103,11 @@ def build_config(args) -> Config:
 
 
 class ModelEMA:
-    """Exponential moving average of the model's weights, used for sampling (PAPER §5).
-    The decay ramps up as min(decay, (1 + step) / (10 + step)) so short runs are not
-    dominated by the random initialisation."""
+    """Exponential moving average of the model's weights, used for sampling (docs/method.md,
+    "Sampling"). The decay ramps up as min(decay, (1 + step) / (10 + step)) so short runs are
+    not dominated by the random initialisation."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        import copy
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
 
@@ -122,86 +118,9 @@ class ModelEMA:
             e.lerp_(p.detach(), 1 - d)
 
 
-class Stream:
-    """Which examples and random draws make up each step's global batch.
-
-    Example k of step s is item `s * B + k` of the generation stream (its own seed for
-    understanding); the step's t, noise and CFG drops come from a generator seeded with
-    (seed, step), drawn for the whole global batch so each rank just slices its part."""
-
-    def __init__(self, cfg: Config):
-        m, t = cfg.model, cfg.train
-        self.cfg = cfg
-        self._perm = (-1, None)  # (epoch, permutation) of a folder dataset
-        if t.data:
-            self.gen = self.und = ImageCaptionFolder(t.data, m.image_size)
-        else:
-            self.gen = ShapesWorld(m.image_size, seed=t.seed)
-            self.und = ShapesWorld(m.image_size, seed=t.seed + 1_000_003)
-
-    def _item(self, ds, i: int):
-        if isinstance(ds, ShapesWorld):
-            return ds[i]
-        n, epoch = len(ds), i // len(ds)  # a folder: a fresh permutation every epoch, drawn once
-        if self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch)
-            self._perm = (epoch, torch.randperm(n, generator=g))
-        return ds[int(self._perm[1][i % n])]
-
-    def draws(self, step: int, n_patches: int, patch_dim: int) -> dict:
-        m = self.cfg.model
-        B = self.cfg.train.batch_size
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
-        return {"t": sample_t(B, m.flow.p_mean, m.flow.p_std, g),
-                "eps": torch.randn(B, n_patches, patch_dim, generator=g) * m.flow.noise_scale,
-                "drop_text": torch.rand(B, generator=g) < m.p_drop_text,
-                "drop_rep": torch.rand(B, generator=g) < m.p_drop_rep,
-                **self.rep_draws(B, g)}
-
-    def rep_draws(self, B: int, g: torch.Generator) -> dict:
-        """The continuous targets' diffusion-head noise (drawn after the rest, so the
-        other variants' streams are unchanged)."""
-        m = self.cfg.model
-        if not (m.rf and m.rep_target == "continuous"):
-            return {}
-        N, F = m.rep_grid ** 2, m.vit.dim
-        return {"rep_t": sample_t(B * DIFF_MUL * N, m.flow.p_mean, m.flow.p_std, g).view(B, DIFF_MUL, N),
-                "rep_eps": torch.randn(B, DIFF_MUL, N, F, generator=g)}
-
-    def gen_items(self, step: int, idx: range):
-        B = self.cfg.train.batch_size
-        items = [self._item(self.gen, step * B + k) for k in idx]
-        return [it["caption"] for it in items], images_to_tensor([it["image"] for it in items])
-
-    def und_items(self, step: int, idx: range):
-        B = self.cfg.train.und_batch_size
-        qs, ans, imgs = [], [], []
-        for k in idx:
-            it = self._item(self.und, step * B + k)
-            q, a = random.Random(f"{self.cfg.train.seed}:qa:{step * B + k}").choice(it["qa"])
-            qs.append(q), ans.append(a), imgs.append(it["image"])
-        return qs, ans, images_to_tensor(imgs)
-
-
 def lr_at(step: int, t) -> float:
-    """Linear warmup, then constant (PAPER §6)."""
+    """Linear warmup, then constant (docs/method.md, "Training recipe and stages")."""
     return t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))
-
-
-def make_optimizer(model: RFModel, t) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only; `new_param_lr_mult` on generation-side parameters
-    (PAPER §6: x4 on newly initialised generation parameters; the rep/pix experts, their
-    embeddings and heads are "new" here)."""
-    groups = {}
-    for name, p in model.named_parameters():
-        gen = name.startswith(("rep_", "repa_", "pix_", "t_emb")) or any(
-            f".{k}.1." in name or f".{k}.2." in name for k in ("ffn", "attn_in", "attn_out"))
-        key = (p.dim() >= 2, gen)
-        groups.setdefault(key, []).append(p)
-    param_groups = [{"params": ps, "weight_decay": t.weight_decay if decay else 0.0,
-                     "lr_mult": t.new_param_lr_mult if gen else 1.0} for (decay, gen), ps in groups.items()]
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    return torch.optim.AdamW(param_groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, **fused)
 
 
 def setup_distributed(device_arg):
@@ -216,27 +135,33 @@ def setup_distributed(device_arg):
     return rank, world, device
 
 
-def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) -> dict:
-    rank, world, device = setup_distributed(device_arg)
-    master = rank == 0
-    t = cfg.train
+def micro_batch_sizes(t, world: int) -> tuple[int, int, int]:
+    """(gradient-accumulation steps, generation and understanding examples per rank per micro-step)."""
     mb = t.micro_batch_size or t.batch_size // world
     if t.batch_size % (world * mb) or t.und_batch_size % (t.batch_size // mb):
         raise ValueError(f"batch_size {t.batch_size} must split into {world} ranks x micro-batches of {mb}, "
                          f"and und_batch_size {t.und_batch_size} over the same number of micro-batches")
     accum = t.batch_size // (world * mb)
-    umb = t.und_batch_size // (world * accum)
+    return accum, mb, t.und_batch_size // (world * accum)
+
+
+def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) -> dict:
+    rank, world, device = setup_distributed(device_arg)
+    master = rank == 0
+    t = cfg.train
+    accum, mb, umb = micro_batch_sizes(t, world)
     ckpt_path = out_dir / "ckpt.pt"
 
+    # the model, its sampling EMA, the target maker (EMA encoder + codebook), the optimiser
     torch.manual_seed(t.seed)
-    model = RFModel(cfg.model)
+    model = build_model(cfg.model)
     if t.vit_init and not resume:  # before the EMA copies are made; a resumed run has its own weights
-        model.vit.load_state_dict(load_vit_init(t.vit_init, cfg.model.vit))
+        model.vit.load_state_dict(load_vit_weights(t.vit_init, cfg.model.vit))
     model = model.to(device)
     needs_targets = cfg.model.rf or cfg.model.repa_weight
     targets = RepresentationTargets(cfg.model, model.vit).to(device) if needs_targets else None
     ema = ModelEMA(model, t.ema_decay)
-    opt = make_optimizer(model, t)
+    opt = model.configure_optimizer(t)
     step = 0
     if resume:
         ck = load_checkpoint(ckpt_path, expect=cfg)
@@ -248,23 +173,15 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
         step = ck["step"]
         if master:
             log(f"resumed from {ckpt_path} at step {step}")
-    stream = Stream(cfg)
+    stream = Stream(cfg, model)
     ddp = DDP(model) if world > 1 else model
     if t.compile:  # blocks, not the whole forward: sequence assembly is Python lists and would break graphs
         for blk in list(model.mot.blocks) + list(model.vit.blocks):
             blk.compile(dynamic=True)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
-    def save(path=ckpt_path):
-        if master:
-            save_checkpoint(path, cfg, step, model, ema.model, opt, targets)
-
-    stop = {"flag": False}
-
-    def on_sigint(*_):
-        stop["flag"] = True
-    old = signal.signal(signal.SIGINT, on_sigint) if master and world == 1 else None
-
+    stop = {"flag": False}  # Ctrl-C finishes the step, saves and exits
+    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True)) if master and world == 1 else None
     out_dir.mkdir(parents=True, exist_ok=True)
     logf = open(out_dir / "log.jsonl", "a" if resume else "w") if master else None
     bar = None
@@ -272,41 +189,26 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
         from tqdm import tqdm
         bar = tqdm(total=t.max_steps, initial=step, dynamic_ncols=True, disable=None)
     t0, last = time.time(), {}
-    n_pix, pdim = model.n_pix, cfg.model.patch_size ** 2 * 3
     while step < t.max_steps and not stop["flag"]:
-        for gparam in opt.param_groups:
-            gparam["lr"] = lr_at(step, t) * gparam["lr_mult"]
-        draws = stream.draws(step, n_pix, pdim)
-        sums = {"lm": 0.0, "rep": 0.0, "fm": 0.0}
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, t) * group["lr_mult"]
+        draws = stream.draws(step)
+        sums = torch.zeros(3)  # lm, rep, fm of the global batch
         for micro in range(accum):
-            start = (micro * world + rank) * mb
-            gi = range(start, start + mb)
-            ustart = (micro * world + rank) * umb
-            prompts, images = stream.gen_items(step, gi)
-            qs, ans, uimages = stream.und_items(step, range(ustart, ustart + umb))
-            images, uimages = images.to(device), uimages.to(device)
-            codes = targets(images) if cfg.model.rf else None
-            sl = slice(start, start + mb)
-            gen = {"prompts": [model.tok.encode(p, cfg.model.max_text_len) for p in prompts],
-                   "images": images, "codes": codes, "t": draws["t"][sl].to(device),
-                   "eps": draws["eps"][sl].to(device), "drop_text": draws["drop_text"][sl],
-                   "drop_rep": draws["drop_rep"][sl]}
-            if "rep_t" in draws:
-                gen.update(rep_t=draws["rep_t"][sl].to(device), rep_eps=draws["rep_eps"][sl].to(device))
-            if cfg.model.repa_weight:
-                gen["align"] = targets.align(images)
-            und = {"images": uimages, "questions": [model.question_ids(q) for q in qs],
-                   "answers": [model.tok.encode(a, cfg.model.max_text_len) for a in ans]}
+            start, ustart = (micro * world + rank) * mb, (micro * world + rank) * umb
+            gen = stream.gen_batch(step, range(start, start + mb), draws, device)
+            und = stream.und_batch(step, range(ustart, ustart + umb), device)
+            if targets is not None:
+                targets.label(gen)  # the clean images' rep targets (and REPA's features)
             sync = ddp.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
             with sync, amp:
                 loss, parts = ddp(gen, und)
                 (loss / accum).backward()
-            for k in sums:
-                sums[k] += parts[k].item() / accum
+            sums += torch.stack([parts.lm, parts.rep, parts.fm]).float().cpu() / accum
         if world > 1:  # log the global batch's losses, not rank 0's share
-            red = torch.tensor([sums[k] for k in sums], device=device)
+            red = sums.to(device)
             dist.all_reduce(red)
-            sums = {k: v / world for k, v in zip(sums, red.tolist())}
+            sums = red.cpu() / world
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -314,11 +216,13 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
             targets.ema_update(model.vit)
         ema.update(model, step)
         step += 1
+
         if master:
-            rec = {"step": step, **{k: round(v, 4) for k, v in sums.items()},
+            rec = {"step": step, **{k: round(v, 4) for k, v in zip(("lm", "rep", "fm"), sums.tolist())},
                    "grad_norm": round(float(gnorm), 3), "lr": lr_at(step - 1, t), "time": round(time.time() - t0, 1)}
             if targets is not None and targets.vq is not None:
-                rec.update(codes_used=int(targets.vq.last_usage), code_perplexity=round(float(targets.vq.last_perplexity), 1))
+                rec.update(codes_used=int(targets.vq.last_usage),
+                           code_perplexity=round(float(targets.vq.last_perplexity), 1))
             last = rec
             bar.set_postfix({k: rec[k] for k in ("lm", "rep", "fm")}, refresh=False)
             bar.update(1)
@@ -326,15 +230,16 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
             if t.ckpt_every and step % t.ckpt_every == 0:
-                save()
+                save_checkpoint(ckpt_path, cfg, step, model, ema.model, opt, targets)
+
     if master:
         bar.close()
-        save()
+        save_checkpoint(ckpt_path, cfg, step, model, ema.model, opt, targets)
         if stop["flag"]:
             log(f"interrupted: saved {ckpt_path} at step {step}")
         logf.close()
-    if old is not None:
-        signal.signal(signal.SIGINT, old)
+    if old_handler is not None:
+        signal.signal(signal.SIGINT, old_handler)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -372,7 +277,7 @@ def main(argv=None):
         if cfg.train.data:
             ImageCaptionFolder(cfg.train.data, cfg.model.image_size)  # fail early on a bad folder
         if cfg.train.vit_init:
-            load_vit_init(cfg.train.vit_init, cfg.model.vit)  # fail early on a bad file
+            load_vit_weights(cfg.train.vit_init, cfg.model.vit)  # fail early on a bad file
         res = train(cfg, out_dir, args.resume, args.device)
     except (CheckpointError, DataError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)

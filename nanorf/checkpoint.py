@@ -7,13 +7,15 @@ A checkpoint is one `torch.save`d dict that loads on CPU:
 Training draws every random number from (seed, step) (see train.py), so the step is
 all the data/RNG state a resume needs; the global RNG state is stored anyway.
 It is written to a temporary file in the same folder and renamed into place, so a
-crash mid-write never leaves a truncated checkpoint behind.
+crash mid-write never leaves a truncated checkpoint behind. Every file nanorf writes goes
+through the same helper, `atomic_path`.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,6 +29,24 @@ class CheckpointError(ValueError):
     """A missing, unreadable or mismatched checkpoint."""
 
 
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on any
+    error it is removed, so a reader never sees a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + "-tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_checkpoint(path, cfg: Config, step: int, model, ema_model, optimizer, targets=None):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,17 +55,8 @@ def save_checkpoint(path, cfg: Config, step: int, model, ema_model, optimizer, t
              "optimizer": optimizer.state_dict(),
              "targets": None if targets is None else targets.state_dict(),
              "rng": torch.get_rng_state()}
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + "-tmp-", suffix=".pt", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _diff(a, b, prefix=""):
@@ -81,12 +92,38 @@ def load_checkpoint(path, expect: Config | None = None) -> dict:
 
 def load_model(path, device="cpu", ema: bool = True):
     """(RFModel with the EMA weights (or the raw ones), Config, step) for sampling."""
-    from .model import RFModel
+    from .variants import build_model
     ck = load_checkpoint(path)
     cfg = Config.from_dict(ck["config"])
-    model = RFModel(cfg.model)
+    model = build_model(cfg.model)
     try:
         model.load_state_dict(ck["ema" if ema else "model"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not match its own config: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), cfg, ck["step"]
+
+
+def save_vit_weights(path, vit, extra: dict | None = None):
+    """An encoder's weights with the ViTConfig they fit (experiments.pretrain_vit writes these;
+    train.py --vit-init reads them), atomically."""
+    from dataclasses import asdict
+    with atomic_path(path) as tmp:
+        torch.save({"vit_config": asdict(vit.cfg), "vit": vit.state_dict(), **(extra or {})}, tmp)
+
+
+def load_vit_weights(path, vcfg) -> dict:
+    """The ViT state dict of a file written by save_vit_weights, checked against the run's ViTConfig."""
+    from dataclasses import asdict
+    if not Path(path).is_file():
+        raise CheckpointError(f"--vit-init: no file at {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        saved = ck["vit_config"]
+    except Exception as e:
+        raise CheckpointError(f"--vit-init: {path} is not a file of encoder weights written by nanorf "
+                              f"({type(e).__name__})") from None
+    want = asdict(vcfg)
+    if saved != want:
+        diff = ", ".join(f"{k} {saved.get(k)} != {v}" for k, v in want.items() if saved.get(k) != v)
+        raise CheckpointError(f"--vit-init: {path} holds a ViT of another shape ({diff})")
+    return ck["vit"]

@@ -1,9 +1,10 @@
 """Configuration dataclasses and named presets.
 
 Every knob of the method lives here, grouped the way the paper groups them:
-the image encoder (DINOv3-style ViT, PAPER §2), the online VQ that makes the
-representation targets (PAPER §3, Algorithm 1), the MoT transformer (PAPER §1.1),
-flow matching and sampling (PAPER §4-5), and the training recipe (PAPER §6).
+the image encoder (docs/method.md, "Encoder and connector"), the online VQ that makes
+the representation targets ("Representation targets and online VQ", the paper's
+Algorithm 1), the MoT transformer ("MoT routing"), flow matching ("Losses and flow
+matching"), sampling ("Sampling") and the training recipe ("Training recipe and stages").
 
 Presets:
   toy        the CPU smoke test on the 32x32 shapes world (minutes on 2 cores)
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 @dataclass
 class ViTConfig:
-    """DINOv3-style ViT encoder (PAPER §2; DINOv3 vision_transformer.py naming)."""
+    """DINOv3-style ViT encoder (docs/method.md, "Encoder and connector"; DINOv3's vision_transformer.py naming)."""
     patch_size: int = 16
     dim: int = 384
     depth: int = 12
@@ -37,7 +38,7 @@ class ViTConfig:
 
 @dataclass
 class VQConfig:
-    """Online cosine VQ on EMA-encoder features (PAPER §3, Algorithm 1)."""
+    """Online cosine VQ on EMA-encoder features (the paper's Algorithm 1; docs/method.md, "Representation targets and online VQ")."""
     codebook_size: int = 16384     # K
     tau: float = 0.5               # temperature of the code softmax
     momentum: float = 0.9999       # prototype momentum m
@@ -47,38 +48,43 @@ class VQConfig:
 
 @dataclass
 class MoTConfig:
-    """Mixture-of-Transformers decoder (PAPER §1.1, BAGEL)."""
+    """Mixture-of-Transformers decoder (docs/method.md, "MoT routing"; BAGEL)."""
     dim: int = 512
     depth: int = 8
     heads: int = 8
     mlp_ratio: float = 4.0
     shared_attention: bool = True  # paper: attention shared by all tokens; False = BAGEL's per-modality q/k/v/o + norms
     rope_base: float = 10000.0
-    max_seq_len: int = 4096
 
 
 @dataclass
 class FlowConfig:
-    """x-prediction flow matching (JiT convention, t=1 clean) and the sampler (PAPER §4-5)."""
+    """x-prediction flow matching, JiT convention, t = 1 clean (docs/method.md, "Losses and flow matching")."""
     p_mean: float = -0.8           # logit-normal time sampling (JiT default; paper silent)
     p_std: float = 0.8
     t_eps: float = 0.05            # clamp on (1 - t) in v = (x - z)/(1 - t)
     noise_scale: float = 1.0       # std of the Gaussian noise (JiT: 1 at 256 px, 2 at 512 px)
-    steps: int = 25                # ODE steps at inference (paper: 25)
+
+
+@dataclass
+class SamplingSettings:
+    """How to sample an image (docs/method.md, "Sampling" and "Classifier-free guidance").
+    A model's defaults live in ModelConfig.sample; sampler.text_to_image takes overrides."""
+    steps: int = 25                # ODE steps (paper: 25)
     solver: str = "euler"          # "euler" or "heun"
-    shift: float = 0.0             # SD3 timestep shift at inference; 0 = derive from resolution
-    cfg_pix: float = 3.0           # pixel guidance w_pix (paper: 3.0)
-    cfg_rep: float = 2.0           # rep-token logit guidance w_rep (paper: 2.0)
+    shift: float = 0.0             # SD3 timestep shift; 0 = derive from the resolution (flow.resolution_shift)
+    cfg_pix: float = 3.0           # pixel guidance w_pix (paper: 3.0; 1 = off)
+    cfg_rep: float = 2.0           # rep-token logit guidance w_rep (paper: 2.0; 1 = off)
     cfg_interval: tuple = (0.0, 1.0)  # apply pixel CFG only for t in this interval
     cfg_mode: str = "joint"        # "joint": v(0,0) + w (v(c,r) - v(0,0)) (paper); "split", "norep": sampler.pixel_branches
     cfg_pix_rep: float = 1.0       # "split" only: guidance weight of the rep plan
     top_k: int = 0                 # rep-token top-k (0 = full distribution); paper: top-k, k not stated
-    temperature: float = 1.0
+    temperature: float = 1.0       # rep-token temperature (0 = greedy)
 
 
 @dataclass
 class ModelConfig:
-    """The unified model: sequence layout, embeddings and heads (PAPER §1)."""
+    """The unified model: sequence layout, embeddings and heads (docs/method.md, "Sequences and the attention mask")."""
     image_size: int = 256          # square canvas side in pixels
     patch_size: int = 16           # pixel patch side for generation (paper: 16)
     max_text_len: int = 128        # bytes of prompt / question / answer the sequence can hold
@@ -93,6 +99,7 @@ class ModelConfig:
     vq: VQConfig = field(default_factory=VQConfig)
     mot: MoTConfig = field(default_factory=MoTConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    sample: SamplingSettings = field(default_factory=SamplingSettings)
 
     @property
     def grid(self) -> int:
@@ -107,7 +114,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe (PAPER §6) scaled to the preset."""
+    """Optimisation recipe (docs/method.md, "Training recipe and stages") scaled to the preset."""
     batch_size: int = 64           # global generation examples per step (all ranks, all micro-steps)
     und_batch_size: int = 32       # global understanding examples per step
     micro_batch_size: int = 0      # per-rank per-micro-step generation examples; 0 = no accumulation
@@ -179,8 +186,7 @@ def _toy() -> Config:
             image_size=32, patch_size=8, max_text_len=80,
             vit=ViTConfig(patch_size=4, dim=96, depth=3, heads=3, layerscale_init=0.1),
             vq=VQConfig(codebook_size=64, tau=0.01, momentum=0.99, encoder_ema=0.999),
-            mot=MoTConfig(dim=128, depth=4, heads=4, max_seq_len=256),
-            flow=FlowConfig(steps=25, top_k=0, temperature=1.0),
+            mot=MoTConfig(dim=128, depth=4, heads=4),
         ),
         train=TrainConfig(batch_size=64, und_batch_size=16, lr=1e-3, new_param_lr_mult=1.0,
                           warmup_steps=100, max_steps=780, ema_decay=0.995,
@@ -195,7 +201,7 @@ def _small() -> Config:
             image_size=64, patch_size=8, max_text_len=96,
             vit=ViTConfig(patch_size=8, dim=256, depth=6, heads=4, layerscale_init=0.1),
             vq=VQConfig(codebook_size=512, momentum=0.999, encoder_ema=0.999),
-            mot=MoTConfig(dim=384, depth=8, heads=6, max_seq_len=512),
+            mot=MoTConfig(dim=384, depth=8, heads=6),
         ),
         train=TrainConfig(batch_size=128, und_batch_size=64, lr=5e-4, new_param_lr_mult=1.0,
                           warmup_steps=500, max_steps=20000, ema_decay=0.999, ckpt_every=2000),
@@ -211,7 +217,7 @@ def _paper(image_size: int) -> Config:
             image_size=image_size, patch_size=16, max_text_len=256,
             vit=ViTConfig(patch_size=16, dim=384, depth=12, heads=6),
             vq=VQConfig(codebook_size=16384, tau=0.5, momentum=0.9999, pool=2),
-            mot=MoTConfig(dim=1024, depth=24, heads=16, max_seq_len=8192),
+            mot=MoTConfig(dim=1024, depth=24, heads=16),
         ),
         train=TrainConfig(batch_size=256, und_batch_size=128, lr=5e-5 if image_size <= 256 else 2.5e-5,
                           warmup_steps=1000, max_steps=50000 if image_size <= 256 else 20000),

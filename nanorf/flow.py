@@ -1,18 +1,19 @@
 """Flow matching in pixel space: x-prediction with the velocity loss (JiT), and ODE sampling.
 
-Convention (PAPER §4, JiT): t = 1 is the clean image, t = 0 is noise.
+docs/method.md, "Losses and flow matching". Convention (JiT): t = 1 is the clean image,
+t = 0 is noise.
 
     z_t = t * x + (1 - t) * eps,        eps ~ N(0, noise_scale^2 I)
     the network predicts x_theta(z_t, t)
     v_theta = (x_theta - z_t) / (1 - t)        target v = x - eps
     L_FM = E || v_theta - v ||^2
 
-The paper is silent on what JiT fixes, so we take JiT's public defaults
-(PAPER §4, "Background"): t = sigmoid(N(p_mean, p_std)) with (-0.8, 0.8), and
+The paper is silent on what JiT fixes, so we take JiT's public defaults:
+t = sigmoid(N(p_mean, p_std)) with (-0.8, 0.8), and
 (1 - t) clamped below at t_eps = 0.05 so the division never blows up near t = 1.
 
-Sampling integrates dz/dt = v from t = 0 to 1 over a time grid with the SD3 shift
-(PAPER §5, "dynamic timestep shifting"), applied to the noise level sigma = 1 - t:
+Sampling (docs/method.md, "Sampling") integrates dz/dt = v from t = 0 to 1 over a time
+grid with the SD3 shift (the paper's "dynamic timestep shifting"), applied to the noise level sigma = 1 - t:
 sigma' = s * sigma / (1 + (s - 1) * sigma). s > 1 spends more steps at high noise,
 which larger images need because their noise destroys less of the signal per pixel.
 """

@@ -1,38 +1,32 @@
-"""The unified RF model: sequence assembly, embeddings, heads and the three losses.
+"""The unified RF model: embeddings, heads and the three losses (docs/method.md, "Overview").
 
-PAPER §1 and DESIGN.md §1. One MoT trunk reads two kinds of sequence:
+One MoT trunk (mot.py) reads the two sequences of layout.py:
 
-    generation      [PAD..] [BOS] prompt [BOR] r_1 .. r_N [BOP] p_1 .. p_M      (left-padded)
-    understanding   [BOS] [BOI] v_1 .. v_V [EOI] question answer [EOS] [PAD..]  (right-padded)
+    generation      [BOS] prompt [BOR] r_1 .. r_N [BOP] p_1 .. p_M
+    understanding   [BOS] [BOI] v_1 .. v_V [EOI] question answer [EOS]
 
-Left-padding generation and right-padding understanding puts every image block
-(r, p, v) in the same columns for the whole batch, so blocks are embedded with a
-plain concatenation instead of scatters, and the sampler can append tokens at a
-common column.
-
-Embeddings (PAPER §1.3):
+Embeddings (docs/method.md, "Sequences and the attention mask"):
   text / specials   a byte embedding table
   ViT tokens        MLP connector on the encoder's normed patch features + 2-D sin-cos position
   rep token r_i     identity embedding (own K-entry table) + learned 2-D spatial embedding
   pixel patch       linear patch embedding + timestep embedding + 2-D sin-cos position
-The rep spatial embedding starts from the same sin-cos function as the pixel
-positions, evaluated at the centre of the 2x2 patch group it covers, so at step 0 a
-pixel patch and the rep token above it already have matching position codes (our
-choice; the paper only says "learnable").
+The rep spatial embedding starts from the same sin-cos function as the pixel positions,
+evaluated at the centre of the patch group it covers, so at step 0 a pixel patch and the
+rep token above it already have matching position codes (our choice; the paper only says
+"learnable").
 
-Heads: LM head over bytes (L_LM), K-way rep head (L_Rep), pixel head predicting the
-clean patch x (x-prediction, L_FM). L = L_LM + L_Rep + L_FM with unit weights.
+Heads: LM head over bytes (L_LM), K-way rep head (L_Rep), pixel head predicting the clean
+patch x (x-prediction, L_FM). L = L_LM + L_Rep + L_FM with unit weights.
 
-The paper's ablations switch by config (variants.py holds their parts): `rf=False` drops
-the rep tokens (Table 3a), `rep_target="continuous"` makes them encoder features with a
-per-position diffusion head (3c), `repa_weight > 0` adds REPA's alignment loss on the pixel
-block's hidden states, logged in the rep slot (3b).
+What the rep tokens are is one small module, `DiscreteRep` here: VQ code ids in, K-way
+logits out, cross-entropy. The paper's ablations (Table 3) plug in from the side, in
+variants.py, and `variants.build_model` picks the class a config asks for.
 
-Loss normalisation (the paper is silent): L_FM and L_Rep are means over elements
-and tokens, which every example has equally many of; L_LM is the mean over examples
-of each answer's mean token CE, so every example weighs the same whatever its
-length. All three are then exact means over the global batch, which is what makes
-a DDP step equal a single-process step.
+Loss normalisation (the paper is silent): L_FM and L_Rep are means over elements and
+tokens, which every example has equally many of; L_LM is the mean over examples of each
+answer's mean token CE, so every example weighs the same whatever its length. All three are
+then exact means over the global batch, which is what makes a DDP step equal a
+single-process step.
 """
 
 from __future__ import annotations
@@ -45,10 +39,10 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .flow import add_noise, fm_loss, timestep_embedding
-from .mot import MoT, PAD, PIX, REP, UND, attention_mask
+from .layout import Layout, generation_layout, understanding_layout
+from .mot import MoT, PIX, REP
 from .tokenizer import ByteTokenizer
 from .vit import ViT, Connector
-from .variants import DiffusionHead, REPAProjector, repa_loss
 from .vq import EMAEncoder, OnlineVQ
 
 
@@ -108,48 +102,107 @@ def validate(cfg: ModelConfig):
             raise ValueError(msg)
 
 
+def sample_logits(logits: torch.Tensor, top_k: int = 0, temperature: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) -> (B,) ids. temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+
+
+class DiscreteRep(nn.Module):
+    """RF's representation tokens: VQ code ids, an identity embedding, a K-way head.
+
+    The interface every rep-target kind has (variants.ContinuousRep is the other):
+      embed(codes)                  (B, n) ids -> (B, n, D) identity embeddings
+      readout(h)                    (B, n, D) hidden states -> what the next token is drawn from
+      loss(out, targets, draws)     L_Rep on the readout at [BOR], r_1..r_{N-1}
+      draw(out, n, w, s, gen)       the next token of n sequences, guided with weight w
+      buffer(rows, n, device)       zeros that hold n tokens per row
+      target_draws(B, generator)    random draws the loss needs for a batch (train.Stream), or None
+    """
+
+    def __init__(self, dim: int, K: int):
+        super().__init__()
+        self.K = K
+        self.emb = nn.Embedding(K, dim)
+        self.head = nn.Linear(dim, K, bias=False)
+
+    def init_weights(self):
+        nn.init.normal_(self.head.weight, std=0.02)
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.emb(codes)
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h)                                                        # (.., K) logits
+
+    def loss(self, out: torch.Tensor, targets: torch.Tensor, draws=None) -> torch.Tensor:
+        """Next-token CE: out (B, N, K) logits, targets (B, N) code ids."""
+        return F.cross_entropy(out.reshape(-1, self.K).float(), targets.reshape(-1))
+
+    def draw(self, out: torch.Tensor, n: int, w: float, settings, generator=None) -> torch.Tensor:
+        """out (n, K) logits, or (2n, K) with the prompt-dropped rows second when guided:
+        l = l_u + w (l_c - l_u), then top-k / temperature sampling -> (n,) ids."""
+        logits = out.float()
+        if out.shape[0] > n:
+            logits = logits[n:] + w * (logits[:n] - logits[n:])
+        return sample_logits(logits[:n], settings.top_k, settings.temperature, generator)
+
+    def buffer(self, rows: int, n: int, device) -> torch.Tensor:
+        return torch.zeros(rows, n, dtype=torch.long, device=device)
+
+    def target_draws(self, B: int, generator: torch.Generator):
+        return None  # codes need no noise; the step's generator is left untouched
+
+
 @dataclass
-class Layout:
-    """Per-token bookkeeping of a padded batch of sequences (all (B, L))."""
-    tokens: torch.Tensor    # byte / special ids; 0 where a block embedding goes
-    modality: torch.Tensor  # UND / REP / PIX / PAD (expert routing)
-    pos: torch.Tensor       # RoPE position
-    seg: torch.Tensor       # block id (image blocks share one)
-    bidir: torch.Tensor     # inside a bidirectional block
-    noisy: torch.Tensor     # a noisy pixel patch
-    valid: torch.Tensor     # not padding
-    targets: torch.Tensor   # next-token text target, -1 where none
-    vit_cols: slice | None = None
-    rep_cols: slice | None = None   # columns of r_1..r_n
-    pix_cols: slice | None = None   # columns of p_1..p_M
-
-    def mask(self, drop_rep: torch.Tensor | None = None) -> torch.Tensor:
-        return attention_mask(self.seg, self.bidir, self.noisy, self.valid, self.modality, drop_rep)
+class GenBatch:
+    """One micro-batch of generation examples with every random draw made (train.Stream)."""
+    prompts: list[list[int]]       # byte ids of each prompt
+    images: torch.Tensor           # (B, 3, H, W) in [-1, 1]
+    targets: torch.Tensor | None   # rep targets from RepresentationTargets: (B, N) ids; None without rf
+    t: torch.Tensor                # (B,) flow times
+    eps: torch.Tensor              # (B, M, p*p*3) noise
+    drop_text: torch.Tensor        # (B,) bool: CFG drop of the prompt
+    drop_rep: torch.Tensor         # (B,) bool: CFG drop of the rep sequence, as the pixels see it
+    target_draws: object = None    # extra noise a rep-target kind's loss needs (variants.ContinuousRep)
+    align: torch.Tensor | None = None  # REPA's feature targets (variants.REPAModel)
 
 
-def _stack(rows, B, L, fill, left: bool):
-    """Pad python lists to length L (left or right) and stack to a (B, L) tensor."""
-    out = torch.full((B, L), fill, dtype=torch.long)
-    for b, r in enumerate(rows):
-        cols = slice(L - len(r), L) if left else slice(0, len(r))
-        out[b, cols] = torch.tensor(r, dtype=torch.long)
-    return out
+@dataclass
+class UndBatch:
+    """One micro-batch of understanding examples."""
+    images: torch.Tensor           # (B, 3, H, W) in [-1, 1]
+    questions: list[list[int]]     # byte ids, RFModel.question_ids
+    answers: list[list[int]]
 
 
-def build_layout(rows: list[list[tuple]], left: bool) -> Layout:
-    """rows[b] = list of (token, modality, pos, block, noisy, target) per token."""
-    B, L = len(rows), max(len(r) for r in rows)
-    fields = list(zip(*[list(zip(*r)) for r in rows]))  # per field: tuple over batch of per-token tuples
-    tok, mod, pos, blk, noisy, tgt = (_stack([list(x) for x in f], B, L, fill, left)
-                                       for f, fill in zip(fields, (0, PAD, 0, -1, 0, -1)))
-    valid = mod != PAD
-    # unique segment id per causal token; block tokens share the id of their block
-    seg = torch.where(blk >= 0, blk, torch.arange(L).expand(B, L) + 10_000)
-    return Layout(tok, mod, pos, seg, blk >= 0, noisy.bool(), valid, tgt)
+@dataclass
+class GenOutput:
+    """What a teacher-forced generation pass reads out."""
+    rep: torch.Tensor | None       # rep readout at [BOR], r_1..r_n: (B, n+1, K); None without rf
+    x_pred: torch.Tensor | None    # (B, M, p*p*3) predicted clean patches; None without pixels
+    tapped: torch.Tensor | None = None  # pixel tokens' residual stream after `tap` blocks (B, M, D)
+
+
+@dataclass
+class LossParts:
+    """The three losses of a step, detached, for logging."""
+    lm: torch.Tensor
+    rep: torch.Tensor
+    fm: torch.Tensor
 
 
 class RFModel(nn.Module):
     """Text + ViT understanding, AR representation tokens, flow-matching pixels, one MoT."""
+
+    tap_depth: int | None = None   # a trunk depth whose pixel hidden states a variant's loss reads
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -159,6 +212,7 @@ class RFModel(nn.Module):
         validate(cfg)
         self.n_pix = cfg.grid ** 2
         self.n_rep = cfg.rep_grid ** 2 if cfg.rf else 0
+        self.n_vit = (cfg.image_size // cfg.vit.patch_size) ** 2
         # understanding
         self.vit = ViT(cfg.vit)
         self.connector = Connector(cfg.vit.dim, D)
@@ -166,19 +220,12 @@ class RFModel(nn.Module):
         self.register_buffer("vit_pos", sincos_2d(vg, vg, D), persistent=False)
         self.tok_emb = nn.Embedding(self.tok.vocab_size, D)
         self.lm_head = nn.Linear(D, self.tok.vocab_size, bias=False)
-        # representation tokens
-        self.continuous = cfg.rf and cfg.rep_target == "continuous"
+        # representation tokens (none in the pixel-only baseline, Table 3a)
+        self.rep = None
         if cfg.rf:
-            K, rg = cfg.vq.codebook_size, cfg.rep_grid
+            rg = cfg.rep_grid
             self.rep_pos = nn.Parameter(sincos_2d(rg, rg, D))
-            if self.continuous:  # Table 3c: features in, a diffusion head out
-                self.rep_in = nn.Linear(cfg.vit.dim, D)
-                self.rep_head = DiffusionHead(cfg.vit.dim, D, D)
-            else:
-                self.rep_emb = nn.Embedding(K, D)
-                self.rep_head = nn.Linear(D, K, bias=False)
-        if cfg.repa_weight:  # Table 3b
-            self.repa_proj = REPAProjector(D, cfg.vit.dim)
+            self.rep = self.make_rep()
         # pixels
         self.pix_emb = nn.Linear(p * p * 3, D)
         self.t_emb = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
@@ -187,6 +234,10 @@ class RFModel(nn.Module):
         self.mot = MoT(cfg.mot)
         self._init_weights()
 
+    def make_rep(self) -> nn.Module:
+        """The rep-target kind: discrete VQ codes (RF). variants.ContinuousRepModel overrides it."""
+        return DiscreteRep(self.cfg.mot.dim, self.cfg.vq.codebook_size)
+
     def _init_weights(self):
         depth = self.cfg.mot.depth
         for name, m in self.mot.named_modules():
@@ -194,56 +245,48 @@ class RFModel(nn.Module):
                 # residual-branch outputs start small so the trunk starts near identity (GPT-2)
                 std = 0.02 / (2 * depth) ** 0.5 if name.endswith(("down", "attn_out.0", "attn_out.1", "attn_out.2")) else 0.02
                 nn.init.normal_(m.weight, std=std)
-        for head in (self.lm_head, getattr(self, "rep_head", None)):
-            if isinstance(head, nn.Linear):
-                nn.init.normal_(head.weight, std=0.02)
+        nn.init.normal_(self.lm_head.weight, std=0.02)
+        if self.rep is not None:
+            self.rep.init_weights()
         # x-prediction head starts at x = 0 (JiT zero-inits its final layer)
         nn.init.zeros_(self.pix_head.weight)
         nn.init.zeros_(self.pix_head.bias)
 
-    # ---- sequence assembly -------------------------------------------------------------
+    def new_parameters(self) -> list[nn.Parameter]:
+        """The parameters the paper trains at x4 learning rate, "newly initialised generation
+        parameters" (docs/method.md, "Training recipe and stages"): everything only rep and pixel
+        tokens pass through (their experts and final norms, embeddings, heads, the t-embedding)."""
+        mods = [self.pix_emb, self.t_emb, self.pix_head]
+        mods += self.mot.expert_modules(PIX)
+        if self.rep is not None:
+            mods += [self.rep] + self.mot.expert_modules(REP)
+        params = [p for m in mods for p in m.parameters()]
+        return params + ([self.rep_pos] if self.rep is not None else [])
+
+    def configure_optimizer(self, t) -> torch.optim.AdamW:
+        """AdamW (t: TrainConfig); weight decay on matrices only; new_parameters() at
+        t.new_param_lr_mult x the base rate (each group's `lr_mult`, applied by the schedule)."""
+        new = {id(p) for p in self.new_parameters()}
+        groups = {}
+        for p in self.parameters():
+            groups.setdefault((p.dim() >= 2, id(p) in new), []).append(p)
+        param_groups = [{"params": ps, "weight_decay": t.weight_decay if decay else 0.0,
+                         "lr_mult": t.new_param_lr_mult if is_new else 1.0} for (decay, is_new), ps in groups.items()]
+        fused = {"fused": True} if next(self.parameters()).is_cuda else {}
+        return torch.optim.AdamW(param_groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, **fused)
+
+    # ---- sequence assembly (layout.py) --------------------------------------------------
     def gen_layout(self, prompts: list[list[int]], n_rep: int, n_pix: int) -> Layout:
-        """[BOS] prompt [BOR] r_1..r_{n_rep} ([BOP] p_1..p_M if n_pix). n_rep may be less
-        than N while sampling; with rf off there is no [BOR] at all."""
-        t, rows = self.tok, []
-        for pr in prompts:
-            r = [(t.bos, UND, 0, -1, 0, -1)] + [(c, UND, i + 1, -1, 0, -1) for i, c in enumerate(pr)]
-            if self.cfg.rf:
-                r += [(t.bor, REP, len(r), -1, 0, -1)]
-                r += [(0, REP, len(r) + i, -1, 0, -1) for i in range(n_rep)]
-            if n_pix:
-                r += [(t.bop, PIX, len(r), -1, 0, -1)]
-                r += [(0, PIX, len(r), 1, 1, -1)] * n_pix  # one block, one shared position
-            rows.append(r)
-        lay = build_layout(rows, left=True)
-        L = lay.tokens.shape[1]
-        end = L - n_pix
-        if n_pix:
-            lay.pix_cols = slice(end, L)
-            end -= 1
-        if self.cfg.rf:
-            lay.rep_cols = slice(end - n_rep, end)
-        return lay
+        return generation_layout(self.tok, prompts, n_rep, n_pix, rf=self.cfg.rf)
 
     def und_layout(self, questions: list[list[int]], answers: list[list[int]], eos: bool = True) -> Layout:
-        """[BOS][BOI] v_1..v_V [EOI] question answer [EOS]; targets on answer (+[EOS])."""
-        t, V, rows = self.tok, (self.cfg.image_size // self.cfg.vit.patch_size) ** 2, []
-        for q, a in zip(questions, answers):
-            r = [(t.bos, UND, 0, -1, 0, -1), (t.boi, UND, 1, -1, 0, -1)]
-            r += [(0, UND, 2, 0, 0, -1)] * V
-            r += [(t.eoi, UND, 3, -1, 0, -1)]
-            text = q + a + ([t.eos] if eos else [])
-            start = len(r)
-            r += [(c, UND, 4 + i, -1, 0, -1) for i, c in enumerate(text)]
-            # token at column j predicts column j + 1: mark the answer's predecessors
-            for j in range(start + len(q) - 1, start + len(text) - 1):
-                r[j] = r[j][:5] + (text[j - start + 1],)
-            rows.append(r)
-        lay = build_layout(rows, left=False)
-        lay.vit_cols = slice(2, 2 + V)
-        return lay
+        return understanding_layout(self.tok, self.n_vit, questions, answers, eos)
 
-    # ---- forward pieces -----------------------------------------------------------------
+    def question_ids(self, question: str) -> list[int]:
+        """A question as sequences hold it: its bytes and one space, then the answer."""
+        return self.tok.encode(question + " ", self.cfg.max_text_len)
+
+    # ---- embeddings --------------------------------------------------------------------
     def embed(self, lay: Layout, vit_tokens=None, codes=None, z=None, t=None) -> torch.Tensor:
         """(B, L, D): byte embeddings, with the image blocks spliced in by column."""
         x = self.tok_emb(lay.tokens.to(self.tok_emb.weight.device))
@@ -259,50 +302,43 @@ class RFModel(nn.Module):
         return x
 
     def embed_rep(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """codes (B, n) for raster positions start..start+n -> (B, n, D): identity + 2-D spatial.
-        Continuous targets: codes are features (B, n, D_vit), read in by a linear layer."""
-        ident = self.rep_in(codes) if self.continuous else self.rep_emb(codes)
-        return ident + self.rep_pos[start:start + codes.shape[1]]
-
-    def rep_readout(self, h: torch.Tensor) -> torch.Tensor:
-        """What the sampler draws the next rep token from: logits (.., K) for discrete tokens;
-        for continuous ones the hidden state itself, which conditions the diffusion head."""
-        return h if self.continuous else self.rep_head(h)
+        """codes (B, n) for raster positions start..start+n -> (B, n, D): identity + 2-D spatial."""
+        return self.rep.embed(codes) + self.rep_pos[start:start + codes.shape[1]]
 
     def embed_pix(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z (B, M, p*p*3) noisy patches at times t (B,) -> (B, M, D)."""
         te = self.t_emb(timestep_embedding(t, 256))                                # (B, D)
         return self.pix_emb(z) + te[:, None] + self.pix_pos
 
+    def vit_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, V, D_vit) normed patch features of the online encoder."""
+        return self.vit(images)["x_norm_patchtokens"]
+
+    # ---- forward passes ----------------------------------------------------------------
     def trunk(self, lay: Layout, x: torch.Tensor, drop_rep=None, tap=None):
         dev = x.device
         mask = lay.mask(None if drop_rep is None else drop_rep.cpu()).to(dev)
         return self.mot(x, lay.modality.to(dev), lay.pos.to(dev), mask, tap=tap)
 
-    def gen_forward(self, prompts, codes, z, t, drop_rep=None, tap=None):
-        """Teacher-forced generation pass.
-        prompts: B lists of byte ids. codes (B, n) rep ids, or (B, n, D_vit) features with
-        continuous targets (n <= N; None or n=0 with rf off).
-        z (B, M, p*p*3) noisy patches at time t (B,), or None for a rep-only prefix.
-        Returns rep_readout (B, n+1, K or D) at [BOR], r_1..r_n (None with rf off) and
-        x_pred (B, M, p*p*3) (None without pixels); with `tap`, also the pixel tokens'
-        residual stream (B, M, D) after `tap` blocks."""
+    def gen_forward(self, prompts, codes, z, t, drop_rep=None, tap: int | None = None) -> GenOutput:
+        """Teacher-forced generation pass. prompts: B lists of byte ids; codes (B, n) rep
+        tokens, n <= N (None or n = 0 without rf); z (B, M, p*p*3) noisy patches at times
+        t (B,), or None for a rep-only prefix; drop_rep (B,) bool hides the rep sequence from
+        the pixels; tap: also return the pixel tokens' residual stream after `tap` blocks."""
         n = 0 if codes is None else codes.shape[1]
         lay = self.gen_layout(prompts, n, 0 if z is None else self.n_pix)
         h = self.trunk(lay, self.embed(lay, codes=codes, z=z, t=t), drop_rep, tap)
+        tapped = None
         if tap is not None:
             h, tapped = h
-        rep_out = x_pred = None
-        if self.cfg.rf:
+            tapped = tapped[:, lay.pix_cols]
+        out = GenOutput(rep=None, x_pred=None, tapped=tapped)
+        if self.rep is not None:
             c = lay.rep_cols
-            rep_out = self.rep_readout(h[:, c.start - 1:c.stop])                   # (B, n+1, K or D)
+            out.rep = self.rep.readout(h[:, c.start - 1:c.stop])                   # (B, n+1, K)
         if z is not None:
-            x_pred = self.pix_head(h[:, lay.pix_cols])                             # (B, M, p*p*3)
-        return (rep_out, x_pred) if tap is None else (rep_out, x_pred, tapped[:, lay.pix_cols])
-
-    def vit_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, V, D_vit) normed patch features of the online encoder."""
-        return self.vit(images)["x_norm_patchtokens"]
+            out.x_pred = self.pix_head(h[:, lay.pix_cols])                         # (B, M, p*p*3)
+        return out
 
     def und_forward(self, images, questions, answers, eos: bool = True):
         """Returns text logits (B, L, vocab) and the layout (for its targets)."""
@@ -310,57 +346,41 @@ class RFModel(nn.Module):
         h = self.trunk(lay, self.embed(lay, vit_tokens=self.vit_tokens(images)))
         return self.lm_head(h), lay
 
-    # ---- losses -------------------------------------------------------------------------
-    def gen_loss(self, prompts, images, codes, t, eps, drop_text, drop_rep, rep_t=None, rep_eps=None,
-                 align=None):
-        """L_Rep and L_FM on a generation batch. images (B, 3, H, W) in [-1, 1];
-        codes: targets from RepresentationTargets, (B, N) ids or (B, N, D_vit) features
-        (None with rf off); t (B,); eps like the patches; drop_text, drop_rep (B,) bool
-        CFG drops. Continuous targets also take the head's noise draws rep_t
-        (B, DIFF_MUL, N) and rep_eps (B, DIFF_MUL, N, D_vit); REPA takes align
-        (B, M, D_vit), the encoder features on the pixel grid, and returns its loss,
-        weighted, in place of L_Rep."""
-        prompts = [[] if d else p for p, d in zip(prompts, drop_text.tolist())]
-        x = patchify(images, self.cfg.patch_size)                                  # (B, M, P)
-        z = add_noise(x, t, eps)
-        tap = (self.cfg.repa_depth or self.cfg.mot.depth // 2) if self.cfg.repa_weight else None
-        rep_out, x_pred, *tapped = self.gen_forward(prompts, codes, z, t, drop_rep, tap)
-        l_fm = fm_loss(x_pred, x, eps, z, t, self.cfg.flow.t_eps)
-        l_rep = x.new_zeros(())
-        if self.continuous:
-            l_rep = self.rep_head.loss(rep_out[:, :-1], codes, rep_t, rep_eps, self.cfg.flow.t_eps)
-        elif self.cfg.rf:
-            K = self.cfg.vq.codebook_size
-            l_rep = F.cross_entropy(rep_out[:, :-1].reshape(-1, K).float(), codes.reshape(-1))
-        if tap is not None:
-            l_rep = l_rep + self.cfg.repa_weight * repa_loss(self.repa_proj(tapped[0]), align)
-        return l_rep, l_fm
+    # ---- losses ------------------------------------------------------------------------
+    def gen_loss(self, b: GenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_Rep, L_FM) on a generation batch (docs/method.md, "Losses and flow matching")."""
+        prompts = [[] if d else p for p, d in zip(b.prompts, b.drop_text.tolist())]
+        x = patchify(b.images, self.cfg.patch_size)                                # (B, M, P)
+        z = add_noise(x, b.t, b.eps)
+        out = self.gen_forward(prompts, b.targets, z, b.t, b.drop_rep, self.tap_depth)
+        l_fm = fm_loss(out.x_pred, x, b.eps, z, b.t, self.cfg.flow.t_eps)
+        return self.rep_loss(out, b), l_fm
 
-    def und_loss(self, images, questions, answers):
+    def rep_loss(self, out: GenOutput, b: GenBatch) -> torch.Tensor:
+        """L_Rep: the readout at [BOR], r_1..r_{N-1} predicts r_1..r_N; 0 without rep tokens."""
+        if self.rep is None:
+            return out.x_pred.new_zeros(())
+        return self.rep.loss(out.rep[:, :-1], b.targets, b.target_draws)
+
+    def und_loss(self, b: UndBatch) -> torch.Tensor:
         """L_LM: per-example mean next-token CE on the answer and [EOS], averaged over examples."""
-        logits, lay = self.und_forward(images, questions, answers)
+        logits, lay = self.und_forward(b.images, b.questions, b.answers)
         tgt = lay.targets.to(logits.device)
         ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten().clamp_min(0), reduction="none")
         ce = ce.view_as(tgt) * (tgt >= 0)
         per_example = ce.sum(1) / (tgt >= 0).sum(1).clamp_min(1)
         return per_example.mean()
 
-    def question_ids(self, question: str) -> list[int]:
-        """A question as sequences hold it: its bytes and one space, then the answer."""
-        return self.tok.encode(question + " ", self.cfg.max_text_len)
-
-    def forward(self, gen: dict, und: dict | None = None):
-        """One training micro-batch -> (L = L_LM + L_Rep + L_FM, {"lm", "rep", "fm"} detached).
-        gen: keyword arguments of gen_loss; und: of und_loss, or None for no understanding."""
-        l_rep, l_fm = self.gen_loss(**gen)
-        l_lm = self.und_loss(**und) if und is not None else l_fm.new_zeros(())
-        parts = {"lm": l_lm.detach(), "rep": l_rep.detach(), "fm": l_fm.detach()}
-        return l_lm + l_rep + l_fm, parts
+    def forward(self, gen: GenBatch, und: UndBatch | None = None) -> tuple[torch.Tensor, LossParts]:
+        """One training micro-batch -> (L = L_LM + L_Rep + L_FM, the parts detached)."""
+        l_rep, l_fm = self.gen_loss(gen)
+        l_lm = self.und_loss(und) if und is not None else l_fm.new_zeros(())
+        return l_lm + l_rep + l_fm, LossParts(l_lm.detach(), l_rep.detach(), l_fm.detach())
 
 
 class RepresentationTargets(nn.Module):
     """The EMA copy of the encoder and the online VQ that turn a clean image into
-    N discrete target ids (PAPER §3). Not part of RFModel: it has no gradient, is not
+    N discrete target ids (docs/method.md, "Representation targets and online VQ"). Not part of RFModel: it has no gradient, is not
     averaged into the sampling EMA, and is not needed to sample.
     The ablations read the same EMA features: continuous targets skip the VQ; REPA pools
     them to the pixel-patch grid (`align`)."""
@@ -383,6 +403,15 @@ class RepresentationTargets(nn.Module):
         return self.vq(z.reshape(B * N, D), update=update).view(B, N)
 
     @torch.no_grad()
+    def label(self, b: GenBatch):
+        """Fill in a batch's targets from its clean images: the rep targets (with rep tokens)
+        and REPA's features (with a REPA weight)."""
+        if self.cfg.rf:
+            b.targets = self(b.images)
+        if self.cfg.repa_weight:
+            b.align = self.align(b.images)
+
+    @torch.no_grad()
     def align(self, images: torch.Tensor) -> torch.Tensor:
         """REPA's targets: (B, 3, H, W) -> unit features (B, M, D) on the pixel-patch grid."""
         return self.encoder.features(images, pool=self.cfg.patch_size // self.cfg.vit.patch_size)
@@ -393,7 +422,7 @@ class RepresentationTargets(nn.Module):
 
 
 def images_to_tensor(images) -> torch.Tensor:
-    """List of (H, W, 3) uint8 arrays -> (B, 3, H, W) float in [-1, 1] (PAPER: pixel space)."""
+    """List of (H, W, 3) uint8 arrays -> (B, 3, H, W) float in [-1, 1] (pixel space, no VAE)."""
     import numpy as np
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0

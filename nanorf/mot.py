@@ -1,8 +1,8 @@
 """Mixture-of-Transformers decoder: shared self-attention, FFN experts routed by token type.
 
-PAPER §1.1: "all tokens share self-attention layers but are routed to one of three
-modality-specific feed-forward expert pools — understanding, representation
-prediction, and pixel generation." Routing is hard, by token type:
+docs/method.md, "MoT routing": all tokens share self-attention, and each token's
+feed-forward network is one of three modality-specific experts (understanding,
+representation prediction, pixel generation). Routing is hard, by token type:
 
     UND = 0  text, ViT tokens, [BOS] [EOS] [BOI] [EOI]
     REP = 1  representation tokens and [BOR]
@@ -18,9 +18,9 @@ Positions: 1-D RoPE over sequence positions (Qwen3), where every token of an ima
 block (ViT tokens, pixel patches) shares one position (BAGEL); spatial layout inside
 a block comes from the 2-D embeddings that model.py adds.
 
-The attention mask (`attention_mask`) follows PAPER §1.2: causal for text and
-representation tokens, bidirectional inside a ViT or pixel block, and nothing after a
-noisy pixel block may see it.
+The attention mask (`attention_mask`; docs/method.md, "Sequences and the attention mask"):
+causal for text and representation tokens, bidirectional inside a ViT or pixel block,
+and nothing outside a noisy pixel block may see it.
 """
 
 from __future__ import annotations
@@ -45,26 +45,26 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def attention_mask(seg: torch.Tensor, bidir: torch.Tensor, noisy: torch.Tensor, valid: torch.Tensor,
+def attention_mask(block: torch.Tensor, noisy: torch.Tensor, valid: torch.Tensor,
                    modality: torch.Tensor, drop_rep: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean (B, 1, L, L) mask, True = query i may attend to key j.
 
-    seg (B, L): block id; tokens of one ViT or pixel block share it, every other token has its own.
-    bidir (B, L): token lies in a bidirectional block.  noisy (B, L): token is a noisy pixel patch.
-    valid (B, L): not padding.  modality (B, L): UND/REP/PIX/PAD.
-    drop_rep (B,): CFG drop of the representation sequence as the pixel block sees it:
-    PIX-type queries ([BOP] and patches) may not attend to REP-type keys ([BOR] and r_i).
+    block (B, L): image block id, or -1 outside any block; tokens of one block see each other
+    both ways. noisy (B, L): a noisy pixel patch. valid (B, L): not padding. modality (B, L):
+    UND/REP/PIX/PAD. drop_rep (B,): CFG drop of the representation sequence as the pixel
+    block sees it: PIX-type queries ([BOP] and patches) may not attend to REP-type keys
+    ([BOR] and r_i).
     """
-    B, L = seg.shape
-    ar = torch.arange(L, device=seg.device)
+    B, L = block.shape
+    ar = torch.arange(L, device=block.device)
     causal = ar[None, :, None] >= ar[None, None, :]                              # (1, L, L)
-    same_block = (seg[:, :, None] == seg[:, None, :]) & bidir[:, :, None]         # (B, L, L)
+    same_block = (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)  # (B, L, L)
     mask = (causal | same_block) & valid[:, None, :]
     mask = mask & ~(noisy[:, None, :] & ~same_block)       # a noisy block is invisible from outside
     if drop_rep is not None:
         hide = (modality[:, :, None] == PIX) & (modality[:, None, :] == REP) & drop_rep[:, None, None]
         mask = mask & ~hide
-    mask = mask | torch.eye(L, dtype=torch.bool, device=seg.device)[None]  # padding sees itself: no empty rows
+    mask = mask | torch.eye(L, dtype=torch.bool, device=block.device)[None]  # padding sees itself: no empty rows
     return mask[:, None]
 
 
@@ -230,6 +230,16 @@ class MoT(nn.Module):
         self.cfg = cfg
         self.blocks = nn.ModuleList(MoTBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.ModuleList(RMSNorm(cfg.dim) for _ in range(N_EXPERTS))  # final norm per modality
+
+    def expert_modules(self, expert: int) -> list[nn.Module]:
+        """Every module that only tokens of this expert pass through: its FFNs, its final norm
+        and, with per-modality attention, its attention projections."""
+        mods = [self.norm[expert]]
+        for blk in self.blocks:
+            mods.append(blk.ffn[expert])
+            if len(blk.attn_in) > 1:
+                mods += [blk.attn_in[expert], blk.attn_out[expert]]
+        return mods
 
     def forward(self, x, modality, pos, mask, cache: KVCache | None = None, write: bool = False,
                 tap: int | None = None):

@@ -1,80 +1,58 @@
-"""Sampling: text -> representation tokens -> pixels, and image -> text (PAPER §5).
+"""Sampling: text -> representation tokens -> pixels, and image -> text (docs/method.md, "Sampling").
 
 Text to image, in two stages:
   1. representation tokens r_1..r_N autoregressively from the prompt, raster order,
      top-k / temperature sampling with CFG on the logits:
-         l = l_u + w_rep * (l_c - l_u),     l_u: the prompt dropped (PAPER: w_rep = 2.0)
+         l = l_u + w_rep * (l_c - l_u),     l_u: the prompt dropped (paper: w_rep = 2.0)
   2. pixels by integrating the flow ODE from noise (t = 0) to the image (t = 1) with the
      prompt and the sampled r in context, CFG on both conditions jointly:
-         v = v(0, 0) + w_pix * (v(c, r) - v(0, 0))       (PAPER: w_pix = 3.0)
+         v = v(0, 0) + w_pix * (v(c, r) - v(0, 0))       (paper: w_pix = 3.0)
      where v(0, 0) drops the prompt and hides r from the pixel block, exactly as the
-     two independent training drops do. Guidance is applied for t inside cfg_interval.
+     two independent training drops do ("Classifier-free guidance"). Guidance is applied
+     for t inside cfg_interval.
 Image to text: greedy or top-k decoding of an answer to a question about an image.
 
-This is the plain reference: every new token and every ODE step re-runs the whole
-sequence through the model. It is slow but has nothing to get wrong, which makes it the
-yardstick for any cached fast path.
-
-The conditional and unconditional branches run as one batch of 2B sequences.
+Two implementations of text to image, which draw the same numbers from the same generator:
+  reference  `sample_rep_tokens` + `sample_pixels`: every new token and every ODE step re-runs
+             the whole sequence. Slow, but nothing to get wrong: the yardstick.
+  cached     `sample_cached`: the prompt and rep tokens go through a KV cache once, and each
+             ODE evaluation runs only the M pixel tokens against the cached prefix.
+Both take one `SamplingSettings` (config.py) and share the ODE loop (`integrate`) and the
+guidance formula (`pixel_branches`, `guide`). The conditional and unconditional branches
+run as one batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from .checkpoint import atomic_path
+from .config import SamplingSettings
 from .flow import ode_step, resolution_shift, time_grid, velocity
-from .model import RFModel, unpatchify
+from .layout import Layout
+from .model import RFModel, sample_logits, unpatchify
 from .mot import PIX, REP, UND, KVCache
 
 
-def sample_logits(logits: torch.Tensor, top_k: int = 0, temperature: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) -> (B,) ids. temperature 0 means greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
-
-
-def draw_rep(model: RFModel, out: torch.Tensor, B: int, cfg_rep: float, top_k: int, temperature: float,
-             steps: int, generator=None) -> torch.Tensor:
-    """The next rep token of B sequences from the readout at their last position,
-    out (B, K or D), or (2B, ..) with the prompt-dropped rows second when guided.
-    Discrete: ids (B,) from l_u + w_rep (l_c - l_u). Continuous (Table 3c): features
-    (B, D_vit) from the diffusion head's ODE, guided the same way on its velocity."""
-    guided = cfg_rep != 1.0 and out.shape[0] > B
-    if getattr(model, "continuous", False):
-        return model.rep_head.sample(out if guided else out[:B], B, cfg_rep, steps, generator)
-    logits = out.float()
-    if guided:
-        logits = logits[B:] + cfg_rep * (logits[:B] - logits[B:])
-    return sample_logits(logits[:B], top_k, temperature, generator)
-
-
-def rep_buffer(model: RFModel, rows: int, n: int, device) -> torch.Tensor:
-    """Zeros to hold n rep tokens per row: ids (rows, n), or continuous features (rows, n, D_vit)."""
-    if getattr(model, "continuous", False):
-        return torch.zeros(rows, n, model.cfg.vit.dim, device=device)
-    return torch.zeros(rows, n, dtype=torch.long, device=device)
+def settings_for(model: RFModel, settings: SamplingSettings | None = None, **overrides) -> SamplingSettings:
+    """The model's default sampling settings (or `settings`), with any field overridden."""
+    return replace(settings or model.cfg.sample, **overrides)
 
 
 @torch.no_grad()
-def sample_rep_tokens(model: RFModel, prompts: list[list[int]], cfg_rep: float, top_k: int,
-                      temperature: float, generator=None, steps: int = 25) -> torch.Tensor:
-    """(B, N) representation ids (or (B, N, D_vit) continuous features), one full forward
-    per token. steps: ODE steps of the continuous targets' head."""
+def sample_rep_tokens(model: RFModel, prompts: list[list[int]], s: SamplingSettings,
+                      generator=None) -> torch.Tensor:
+    """Reference: (B, N) representation tokens, one full forward per token."""
     B, N = len(prompts), model.n_rep
     dev = next(model.parameters()).device
-    guided = cfg_rep != 1.0
+    guided = s.cfg_rep != 1.0
     batch = prompts + [[] for _ in prompts] if guided else prompts
-    codes = rep_buffer(model, len(batch), 0, dev)
+    codes = model.rep.buffer(len(batch), 0, dev)
     for _ in range(N):
-        out, _ = model.gen_forward(batch, codes, None, None)                       # (B or 2B, n+1, K or D)
-        nxt = draw_rep(model, out[:, -1], B, cfg_rep, top_k, temperature, steps, generator)
+        out = model.gen_forward(batch, codes, None, None).rep                      # (B or 2B, n+1, ..)
+        nxt = model.rep.draw(out[:, -1], B, s.cfg_rep, s, generator)
         nxt = torch.cat([nxt, nxt]) if guided else nxt
         codes = torch.cat([codes, nxt[:, None]], dim=1)
     return codes[:B]
@@ -87,7 +65,7 @@ def pixel_branches(cfg_pix: float, cfg_mode: str) -> list[tuple[bool, bool]]:
     split:  (c, r), (0, 0) and (0, r);  v = v(0,0) + w_r (v(0,r) - v(0,0)) + w (v(c,r) - v(0,r)),
             guiding the rep plan and the prompt with separate weights (InstructPix2Pix-style).
     norep:  (c, 0) and (0, 0): the rep tokens are sampled but hidden from the pixel block,
-            to see what the pixels do from the prompt alone (a diagnostic, nanorf.probe).
+            to see what the pixels do from the prompt alone (a diagnostic, experiments.probe).
     """
     if cfg_mode == "norep":
         return [(True, True)] if cfg_pix == 1.0 else [(True, True), (False, True)]
@@ -100,57 +78,58 @@ def pixel_branches(cfg_pix: float, cfg_mode: str) -> list[tuple[bool, bool]]:
     raise ValueError(f"unknown cfg_mode {cfg_mode!r}; use 'joint', 'split' or 'norep'")
 
 
-def guide(v: torch.Tensor, n: int, t: float, opt: dict) -> torch.Tensor:
+def guide(v: torch.Tensor, n: int, t: float, s: SamplingSettings) -> torch.Tensor:
     """Combine the branch velocities (stacked, n rows each) by the formula of pixel_branches."""
     chunks = v.split(n)
     if len(chunks) == 1:
         return v
-    inside = opt["cfg_interval"][0] <= t <= opt["cfg_interval"][1]
-    w = opt["cfg_pix"] if inside else 1.0
+    inside = s.cfg_interval[0] <= t <= s.cfg_interval[1]
+    w = s.cfg_pix if inside else 1.0
     if len(chunks) == 2:
         v_c, v_u = chunks
         return v_u + w * (v_c - v_u)
     v_c, v_u, v_r = chunks
-    w_r = opt["cfg_pix_rep"] if inside else 1.0
+    w_r = s.cfg_pix_rep if inside else 1.0
     return v_u + w_r * (v_r - v_u) + w * (v_c - v_r)
 
 
-@torch.no_grad()
-def sample_pixels(model: RFModel, prompts: list[list[int]], codes: torch.Tensor | None,
-                  steps: int, cfg_pix: float, solver: str = "euler", shift: float = 0.0,
-                  cfg_interval=(0.0, 1.0), generator=None, cfg_mode: str = "joint",
-                  cfg_pix_rep: float = 1.0) -> torch.Tensor:
-    """(B, 3, H, W) images in [-1, 1]; one full forward per ODE evaluation."""
+def integrate(model: RFModel, v_fn, B: int, s: SamplingSettings, generator=None) -> torch.Tensor:
+    """The pixel ODE of both paths: noise z (B, M, p*p*3) at t = 0, `s.steps` steps of
+    dz/dt = v_fn(z, t) on the shifted grid, then (B, 3, H, W) images in [-1, 1]."""
     cfg = model.cfg
-    B, M, P = len(prompts), model.n_pix, cfg.patch_size ** 2 * 3
     dev = next(model.parameters()).device
-    shift = shift or resolution_shift(cfg.image_size)
-    z = torch.randn(B, M, P, generator=generator).to(dev) * cfg.flow.noise_scale
-    branches = pixel_branches(cfg_pix, cfg_mode)
+    z = torch.randn(B, model.n_pix, cfg.patch_size ** 2 * 3, generator=generator).to(dev) * cfg.flow.noise_scale
+    ts = time_grid(s.steps, s.shift or resolution_shift(cfg.image_size)).tolist()
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        z = ode_step(v_fn, z, t0, t1, s.solver)
+    return unpatchify(z, cfg.patch_size, cfg.grid, cfg.grid).clamp(-1, 1)
+
+
+@torch.no_grad()
+def sample_pixels(model: RFModel, prompts: list[list[int]], codes: torch.Tensor | None, s: SamplingSettings,
+                  generator=None) -> torch.Tensor:
+    """Reference: (B, 3, H, W) images in [-1, 1]; one full forward per ODE evaluation."""
+    B, dev = len(prompts), next(model.parameters()).device
+    branches = pixel_branches(s.cfg_pix, s.cfg_mode)
     batch = [p if keep else [] for keep, _ in branches for p in prompts]
     drop_rep = torch.tensor([hide for _, hide in branches for _ in prompts])
     if codes is not None:
-        codes = codes.repeat(len(branches), *[1] * (codes.dim() - 1))             # ids or features
-    opt = {"cfg_pix": cfg_pix, "cfg_pix_rep": cfg_pix_rep, "cfg_interval": cfg_interval}
+        codes = codes.repeat(len(branches), *[1] * (codes.dim() - 1))             # (len(branches) B, N, ..)
 
     def v_fn(z, t):
         zz = z.repeat(len(branches), 1, 1)
         tt = torch.full((zz.shape[0],), t, device=dev)
-        _, x_pred = model.gen_forward(batch, codes, zz, tt, drop_rep)
+        x_pred = model.gen_forward(batch, codes, zz, tt, drop_rep).x_pred
         # no (1 - t) clamp here: t < 1 at every evaluation, and the training clamp would
         # make the last Euler step stop short of the predicted image
-        return guide(velocity(x_pred.float(), zz, tt, 1e-6), B, t, opt)
+        return guide(velocity(x_pred.float(), zz, tt, 1e-6), B, t, s)
 
-    ts = time_grid(steps, shift).tolist()
-    for t0, t1 in zip(ts[:-1], ts[1:]):
-        z = ode_step(v_fn, z, t0, t1, solver)
-    g = cfg.grid
-    return unpatchify(z, cfg.patch_size, g, g).clamp(-1, 1)
+    return integrate(model, v_fn, B, s, generator)
 
 
 # ---- the fast path: KV cache for the prefix, cached prefix for every ODE step -----------------
 
-def _step(model: RFModel, cache: KVCache, x, modality: int, pos, mask, write: bool):
+def step_tokens(model: RFModel, cache: KVCache, x, modality: int, pos, mask, write: bool):
     """Run n new embedded tokens (B, n, D) of one type against the cache; optionally append them."""
     B, n, _ = x.shape
     mod = torch.full((B, n), modality, dtype=torch.long, device=x.device)
@@ -160,7 +139,7 @@ def _step(model: RFModel, cache: KVCache, x, modality: int, pos, mask, write: bo
     return h
 
 
-def prefill(model: RFModel, lay, x: torch.Tensor, room: int):
+def prefill(model: RFModel, lay: Layout, x: torch.Tensor, room: int):
     """Run a whole layout (embedded as x (B, L, D)) into a fresh cache with `room` more
     columns for what gets appended later. Returns (hidden (B, L, D), cache)."""
     dev = x.device
@@ -171,7 +150,7 @@ def prefill(model: RFModel, lay, x: torch.Tensor, room: int):
 
 
 @torch.no_grad()
-def sample_cached(model: RFModel, prompts: list[list[int]], opt: dict, generator=None):
+def sample_cached(model: RFModel, prompts: list[list[int]], s: SamplingSettings, generator=None):
     """Same distribution and, for the same generator, the same draws as the reference
     path (rep tokens, then pixels), with each token and each prefix computed once.
 
@@ -180,11 +159,10 @@ def sample_cached(model: RFModel, prompts: list[list[int]], opt: dict, generator
     prompt, and both the same sampled rep tokens. For the pixel ODE the rows are
     arranged into the guidance branches (pixel_branches); a branch that drops the rep
     sequence hides it from [BOP] and the pixel block (hide_rep), exactly as the
-    reference's drop_rep mask."""
-    cfg, tok = model.cfg, model.tok
-    dev = next(model.parameters()).device
-    B, N, M, P = len(prompts), model.n_rep, model.n_pix, cfg.patch_size ** 2 * 3
-    two = opt["cfg_rep"] != 1.0 or opt["cfg_pix"] != 1.0  # the cache holds cond and uncond rows
+    reference's drop_rep mask. Returns (images (B, 3, H, W), rep tokens or None)."""
+    tok, dev = model.tok, next(model.parameters()).device
+    B, N, M = len(prompts), model.n_rep, model.n_pix
+    two = s.cfg_rep != 1.0 or s.cfg_pix != 1.0  # the cache holds cond and uncond rows
     batch = prompts + [[] for _ in prompts] if two else prompts
     R = len(batch)
 
@@ -194,18 +172,17 @@ def sample_cached(model: RFModel, prompts: list[list[int]], opt: dict, generator
     pos = lay.pos[:, -1:].to(dev) + 1                                              # (R, 1) next position
 
     codes = None
-    if cfg.rf:
-        codes = rep_buffer(model, R, N, dev)
+    if model.rep is not None:
+        codes = model.rep.buffer(R, N, dev)
         last = h[:, -1]                                                            # [BOR]'s hidden (R, D)
         for i in range(N):
-            nxt = draw_rep(model, model.rep_readout(last), B, opt["cfg_rep"], opt["top_k"], opt["temperature"],
-                           opt["steps"], generator)                                # (B,) or (B, D_vit)
+            nxt = model.rep.draw(model.rep.readout(last), B, s.cfg_rep, s, generator)
             codes[:, i] = torch.cat([nxt, nxt]) if two else nxt
-            h = _step(model, cache, model.embed_rep(codes[:, i:i + 1], i), REP, pos,
-                      cache.mask(1, bidir=False), write=True)
+            h = step_tokens(model, cache, model.embed_rep(codes[:, i:i + 1], i), REP, pos,
+                            cache.mask(1, bidir=False), write=True)
             last, pos = h[:, -1], pos + 1
     # the pixel branches: cache rows 0..B-1 hold the prompt, B..2B-1 the empty prompt
-    branches = pixel_branches(opt["cfg_pix"], opt["cfg_mode"])
+    branches = pixel_branches(s.cfg_pix, s.cfg_mode)
     rows = torch.cat([torch.arange(B) + (0 if keep else B) for keep, _ in branches]).to(dev)
     hide = torch.tensor([hidden for _, hidden in branches for _ in range(B)], device=dev)
     if not torch.equal(rows, torch.arange(R, device=dev)):
@@ -214,48 +191,34 @@ def sample_cached(model: RFModel, prompts: list[list[int]], opt: dict, generator
     R = len(rows)
     # [BOP]: causal, of the pixel expert; in the rep-dropped rows it cannot see the rep tokens
     bop = model.tok_emb(torch.full((R, 1), tok.bop, device=dev))
-    _step(model, cache, bop, PIX, pos, cache.mask(1, bidir=False, hide_rep=hide), write=True)
+    step_tokens(model, cache, bop, PIX, pos, cache.mask(1, bidir=False, hide_rep=hide), write=True)
     pos = pos + 1
 
     # the pixel ODE: each evaluation runs only the M pixel tokens against the fixed prefix
-    shift = opt["shift"] or resolution_shift(cfg.image_size)
-    z = torch.randn(B, M, P, generator=generator).to(dev) * cfg.flow.noise_scale
     pix_mask = cache.mask(M, bidir=True, hide_rep=hide)
 
     def v_fn(z, t):
         zz = z.repeat(len(branches), 1, 1)
         tt = torch.full((R,), t, device=dev)
-        h = _step(model, cache, model.embed_pix(zz, tt), PIX, pos, pix_mask, write=False)
-        return guide(velocity(model.pix_head(h).float(), zz, tt, 1e-6), B, t, opt)
+        h = step_tokens(model, cache, model.embed_pix(zz, tt), PIX, pos, pix_mask, write=False)
+        return guide(velocity(model.pix_head(h).float(), zz, tt, 1e-6), B, t, s)
 
-    ts = time_grid(opt["steps"], shift).tolist()
-    for t0, t1 in zip(ts[:-1], ts[1:]):
-        z = ode_step(v_fn, z, t0, t1, opt["solver"])
-    g = cfg.grid
-    return unpatchify(z, cfg.patch_size, g, g).clamp(-1, 1), (None if codes is None else codes[:B])
-
-
-SAMPLING_FIELDS = ("steps", "solver", "shift", "cfg_pix", "cfg_rep", "cfg_interval", "cfg_mode", "cfg_pix_rep",
-                   "top_k", "temperature")
+    images = integrate(model, v_fn, B, s, generator)
+    return images, (None if codes is None else codes[:B])
 
 
 @torch.no_grad()
-def text_to_image(model: RFModel, prompts: list[str], generator=None, kv_cache: bool = True, **overrides):
-    """Prompts -> (images (B, 3, H, W) in [-1, 1], rep codes (B, N) or None).
-    kv_cache=False runs the uncached reference path. overrides: any FlowConfig
-    sampling field (steps, cfg_pix, cfg_rep, top_k, ...)."""
-    f = model.cfg.flow
-    opt = {k: overrides.get(k, getattr(f, k)) for k in SAMPLING_FIELDS}
+def text_to_image(model: RFModel, prompts: list[str], generator=None, kv_cache: bool = True,
+                  settings: SamplingSettings | None = None, **overrides):
+    """Prompts -> (images (B, 3, H, W) in [-1, 1], rep tokens (B, N) or None).
+    kv_cache=False runs the uncached reference path. settings: a SamplingSettings (default:
+    the model's); overrides: any of its fields (steps=10, cfg_pix=1.0, ...)."""
+    s = settings_for(model, settings, **overrides)
     ids = [model.tok.encode(p, model.cfg.max_text_len) for p in prompts]
     if kv_cache:
-        return sample_cached(model, ids, opt, generator)
-    codes = None
-    if model.cfg.rf:
-        codes = sample_rep_tokens(model, ids, opt["cfg_rep"], opt["top_k"], opt["temperature"], generator,
-                                  opt["steps"])
-    images = sample_pixels(model, ids, codes, opt["steps"], opt["cfg_pix"], opt["solver"], opt["shift"],
-                           opt["cfg_interval"], generator, opt["cfg_mode"], opt["cfg_pix_rep"])
-    return images, codes
+        return sample_cached(model, ids, s, generator)
+    codes = sample_rep_tokens(model, ids, s, generator) if model.rep is not None else None
+    return sample_pixels(model, ids, codes, s, generator), codes
 
 
 @torch.no_grad()
@@ -290,15 +253,14 @@ def answer(model: RFModel, images: torch.Tensor, questions: list[str], max_new_t
         if all(done) or step == max_new_tokens - 1:
             break
         if kv_cache:  # finished rows keep decoding into the void; their bytes are ignored
-            h = _step(model, cache, model.tok_emb(nxt[:, None]), UND, pos, cache.mask(1, bidir=False), write=True)
+            h = step_tokens(model, cache, model.tok_emb(nxt[:, None]), UND, pos, cache.mask(1, bidir=False), write=True)
             logits, pos = model.lm_head(h[:, 0]), pos + 1
     return [tok.decode(o) for o in outs]
 
 
 def save_grid(images, path, ncol: int = 8, scale: int = 1, pad: int = 2):
     """Write a list of (H, W, 3) uint8 images as one PNG grid (nearest upscaling by `scale`),
-    atomically: to a temporary name first, then renamed."""
-    import os
+    atomically."""
     import numpy as np
     from PIL import Image
     n = len(images)
@@ -312,7 +274,5 @@ def save_grid(images, path, ncol: int = 8, scale: int = 1, pad: int = 2):
     img = Image.fromarray(grid)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = str(path)
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

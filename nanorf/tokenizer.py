@@ -1,8 +1,9 @@
 """Byte-level text tokenizer and the special tokens that delimit the sequence blocks.
 
-The paper inherits Qwen3's BPE vocabulary (PAPER §1.1); nanorf ships no vocabulary
+The paper inherits Qwen3's BPE vocabulary with its decoder; nanorf's toy ships no vocabulary
 files, so text is UTF-8 bytes (ids 0-255), which handles any language and needs no
-download. The special tokens mark the blocks of DESIGN.md §1:
+download. The special tokens mark the blocks of the two sequences (docs/method.md,
+"Sequences and the attention mask"):
 
     generation:     [BOS] prompt [BOR] r_1 ... r_N [BOP] p_1 ... p_M
     understanding:  [BOS] [BOI] v_1 ... v_V [EOI] question answer [EOS]

@@ -1,9 +1,15 @@
-"""The two alternatives to discrete representation tokens that the paper ablates (Table 3b, 3c).
+"""The paper's ablations of representation forcing (Table 3; docs/method.md, "Ablations (Table 3)").
+
+The method's code (model.py) does not branch on them: each plugs in from the side, and
+`build_model` picks the class a config asks for.
+
+Pixel-only (Table 3a, `model.rf = False`): no representation tokens at all; RFModel simply
+has no rep module and the sequence has no [BOR].
 
 Both use the same EMA encoder features as RF's targets (last layer, before the final norm,
 pooled, L2-normalised); only what the decoder does with them changes.
 
-REPA (Table 3b, `model.repa_weight > 0`, run with `--no-rf`): no representation tokens in
+REPA (Table 3b, `REPAModel`, `model.repa_weight > 0`, run with `--no-rf`): no representation tokens in
 the sequence. The pixel tokens' hidden states after `repa_depth` blocks, h (B, M, D), go
 through a small MLP projector and are pulled towards the encoder feature of the same image
 region, f (B, M, D_vit), by cosine similarity (REPA, Yu et al. 2024):
@@ -13,7 +19,7 @@ region, f (B, M, D_vit), by cosine similarity (REPA, Yu et al. 2024):
 REPA's default lambda is 0.5 and its projector a 3-layer SiLU MLP; we keep both. The features
 are pooled to the pixel-patch grid, so each pixel token has one target.
 
-Continuous targets (Table 3c, `model.rep_target = "continuous"`): the representation
+Continuous targets (Table 3c, `ContinuousRepModel`, `model.rep_target = "continuous"`): the representation
 tokens are the encoder features themselves, x = sqrt(D_vit) f (unit RMS per element, the
 scale the Gaussian noise has), read in by a linear layer instead of looked up by code id.
 The decoder's hidden state at the previous position, c (B, N, D), conditions a small
@@ -35,7 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .flow import add_noise, fm_loss, time_grid, timestep_embedding, velocity
+from .config import ModelConfig
+from .flow import add_noise, fm_loss, sample_t, time_grid, timestep_embedding, velocity
+from .model import GenBatch, GenOutput, RFModel
 
 DIFF_MUL = 4
 
@@ -125,3 +133,80 @@ class DiffusionHead(nn.Module):
                 v = v_u + w * (v_c - v_u)
             z = z + (t1 - t0) * v
         return F.normalize(z, dim=-1) * self.feat_dim ** 0.5
+
+
+class ContinuousRep(nn.Module):
+    """Table 3c's rep-target kind, with DiscreteRep's interface (model.py): features
+    (B, n, D_vit) in through a linear layer, and a diffusion head conditioned on the
+    hidden state out."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim, feat_dim = cfg.mot.dim, cfg.vit.dim
+        self.cfg, self.feat_dim, self.n = cfg.flow, feat_dim, cfg.rep_grid ** 2
+        self.inp = nn.Linear(feat_dim, dim)
+        self.head = DiffusionHead(feat_dim, dim, dim)
+
+    def init_weights(self):
+        pass  # DiffusionHead initialises itself (zero output layer, like the pixel head)
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.inp(codes)
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        return h  # the hidden state conditions the head; there are no logits
+
+    def loss(self, out: torch.Tensor, targets: torch.Tensor, draws) -> torch.Tensor:
+        """draws: (t (B, DIFF_MUL, N), eps (B, DIFF_MUL, N, D_vit)), from `target_draws`."""
+        t, eps = draws
+        return self.head.loss(out, targets, t, eps, self.cfg.t_eps)
+
+    def draw(self, out: torch.Tensor, n: int, w: float, settings, generator=None) -> torch.Tensor:
+        """out (n or 2n, D): the head's ODE per row, guided on its velocity -> (n, D_vit)."""
+        guided = w != 1.0 and out.shape[0] > n
+        return self.head.sample(out if guided else out[:n], n, w, settings.steps, generator)
+
+    def buffer(self, rows: int, n: int, device) -> torch.Tensor:
+        return torch.zeros(rows, n, self.feat_dim, device=device)
+
+    def target_draws(self, B: int, g: torch.Generator):
+        """The head's noise for a batch, drawn from the step's generator (train.Stream):
+        t (B, DIFF_MUL, N) and eps (B, DIFF_MUL, N, D_vit)."""
+        return (sample_t(B * DIFF_MUL * self.n, self.cfg.p_mean, self.cfg.p_std, g).view(B, DIFF_MUL, self.n),
+                torch.randn(B, DIFF_MUL, self.n, self.feat_dim, generator=g))
+
+
+class ContinuousRepModel(RFModel):
+    """Table 3c: RF with continuous representation targets."""
+
+    def make_rep(self) -> nn.Module:
+        return ContinuousRep(self.cfg)
+
+
+class REPAModel(RFModel):
+    """Table 3b: the pixel block's hidden states after `repa_depth` blocks are aligned to the
+    EMA encoder's features; the weighted loss is logged in the rep slot."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.tap_depth = cfg.repa_depth or cfg.mot.depth // 2
+        self.repa_proj = REPAProjector(cfg.mot.dim, cfg.vit.dim)
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        return super().new_parameters() + list(self.repa_proj.parameters())
+
+    def rep_loss(self, out: GenOutput, b: GenBatch) -> torch.Tensor:
+        return super().rep_loss(out, b) + self.cfg.repa_weight * repa_loss(self.repa_proj(out.tapped), b.align)
+
+
+def model_class(cfg: ModelConfig) -> type[RFModel]:
+    """The class a config asks for: RF, or one of the Table 3 variants."""
+    if cfg.rf and cfg.rep_target == "continuous":
+        if cfg.repa_weight:
+            raise ValueError("choose one variant: continuous rep targets or REPA, not both")
+        return ContinuousRepModel
+    return REPAModel if cfg.repa_weight else RFModel
+
+
+def build_model(cfg: ModelConfig) -> RFModel:
+    return model_class(cfg)(cfg)

@@ -1,4 +1,5 @@
-"""EMA target encoder and online cosine VQ: the representation targets (PAPER §2-§3, Algorithm 1).
+"""EMA target encoder and online cosine VQ: the representation targets (the paper's Algorithm 1;
+docs/method.md, "Representation targets and online VQ").
 
 The decoder learns to predict discrete representation tokens. Their ids come from quantising
 features of an EMA copy of the (jointly trained) ViT against K momentum-updated prototypes.
@@ -16,7 +17,7 @@ Algorithm 1, step by step, and the line that implements it:
   7. C = normalize(m C + (1-m) C_new)             OnlineVQ.update: `c_upd = F.normalize(self.momentum * ...)`,
                                                   applied only where `used` (torch.where)
 
-Choices the paper leaves open (PAPER §3 "Implementation gaps"):
+Choices the paper leaves open:
   * Pooling: average pooling of p x p neighbouring patch features (cfg.pool), before the L2 norm.
   * Features are the last block's patch tokens before the final LayerNorm (paper), so no
     CLS/storage tokens and no norm affine.
@@ -198,8 +199,7 @@ class OnlineVQ(nn.Module):
         self.prototypes.copy_(torch.where(used.unsqueeze(1), c_upd, self.prototypes))
 
         self.last_usage = used.sum().float()
-        hist = counts / counts.sum().clamp_min(1)  # (K,)
-        self.last_perplexity = torch.exp(-(hist * torch.log(hist.clamp_min(1e-30))).sum())
+        self.last_perplexity = perplexity(counts)
 
     def forward(self, z: Tensor, update: bool = True) -> Tensor:
         """z (M, D) L2-normalised target features -> codes (M,) long. No gradient flows anywhere."""
@@ -215,9 +215,13 @@ class OnlineVQ(nn.Module):
         return codes
 
 
+def perplexity(counts: Tensor) -> Tensor:
+    """exp(entropy) of a code histogram (K,): the number of equally used codes it is worth."""
+    hist = counts.float() / counts.sum().clamp_min(1)
+    return torch.exp(-(hist * torch.log(hist.clamp_min(1e-30))).sum())
+
+
 def codebook_stats(codes: Tensor, K: int) -> dict:
-    """Local usage of a batch of codes: {"used": distinct codes, "perplexity": exp(entropy)}."""
-    counts = torch.bincount(codes.flatten(), minlength=K).float()  # (K,)
-    hist = counts / counts.sum().clamp_min(1)
-    ent = -(hist * torch.log(hist.clamp_min(1e-30))).sum()
-    return {"used": int((counts > 0).sum()), "perplexity": float(torch.exp(ent))}
+    """Usage of a batch of codes (any shape): {"used": distinct codes, "perplexity": exp(entropy)}."""
+    counts = torch.bincount(codes.flatten(), minlength=K)  # (K,)
+    return {"used": int((counts > 0).sum()), "perplexity": float(perplexity(counts))}

@@ -1,8 +1,8 @@
 """The paper's central ablations in miniature (Table 3a-c), every variant on the same budget.
 
-    python -m nanorf.ablate                          # all four variants, seeds 0 and 1, toy preset
-    python -m nanorf.ablate --variants rf no-rf      # Table 3a only
-    python -m nanorf.ablate --seeds 0 1 2 --max-steps 700 --out-dir out/ablate
+    python -m experiments.ablate                          # all four variants, seeds 0 and 1, toy preset
+    python -m experiments.ablate --variants rf no-rf      # Table 3a only
+    python -m experiments.ablate --seeds 0 1 2 --max-steps 700 --out-dir out/ablate
 
 Each variant x seed is one `train.py` run in its own process (so every run has the
 machine to itself and its wall-clock is honest), then `nanorf.eval` scores it on the
@@ -40,7 +40,7 @@ def run(cmd, log):
     with open(log, "w") as f:
         r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if r.returncode:
-        sys.exit(f"nanorf.ablate: error: {' '.join(cmd)} failed (exit {r.returncode}); see {log}")
+        sys.exit(f"experiments.ablate: error: {' '.join(cmd)} failed (exit {r.returncode}); see {log}")
 
 
 def main(argv=None):
@@ -52,7 +52,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=64, help="held-out prompts and images to score")
     p.add_argument("--out-dir", default="out/ablate", help="where runs, table and grid go")
     p.add_argument("--vit-init", default=None,
-                   help="every run starts its ViT from these weights (nanorf.pretrain_vit; the paper's DINOv3)")
+                   help="every run starts its ViT from these weights (experiments.pretrain_vit; the paper's DINOv3)")
     args = p.parse_args(argv)
     from nanorf.checkpoint import load_checkpoint
     from nanorf.config import get_config
@@ -68,7 +68,7 @@ def main(argv=None):
             if ck.exists():
                 prev = load_checkpoint(ck)
                 if prev["config"]["train"].get("vit_init", "") != (args.vit_init or ""):
-                    sys.exit(f"nanorf.ablate: error: {d} was trained with another --vit-init; use another --out-dir")
+                    sys.exit(f"experiments.ablate: error: {d} was trained with another --vit-init; use another --out-dir")
                 done = prev["step"] >= steps
             wall = None
             if not done:

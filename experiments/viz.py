@@ -1,6 +1,6 @@
 """Pictures of the method, drawn by the code itself: the attention mask of both sequences.
 
-    python -m nanorf.viz --mask docs/mask.png
+    python -m experiments.viz --mask docs/mask.png
 
 Rows are queries, columns keys; a filled cell means "may attend". Cells are coloured
 by the key's expert (grey: understanding, orange: representation, blue: pixel), and
@@ -14,9 +14,9 @@ import argparse
 
 import numpy as np
 
-from .config import get_config
-from .model import RFModel
-from .mot import PAD, PIX, REP, UND
+from nanorf.config import get_config
+from nanorf.model import RFModel
+from nanorf.mot import PAD, PIX, REP, UND
 
 COLOURS = {UND: (120, 120, 120), REP: (235, 140, 30), PIX: (40, 110, 230), PAD: (225, 225, 225)}
 

@@ -1,11 +1,12 @@
 """Stage 0 for the shapes world: an encoder that already knows the world, as DINOv3 does.
 
-    python -m nanorf.pretrain_vit --out out/vit_toy.pt          # a few minutes on 2 CPU cores
+    python -m experiments.pretrain_vit --out out/vit_toy.pt          # a few minutes on 2 CPU cores
     python train.py --vit-init out/vit_toy.pt                    # RF on top of it
 
-RF's targets are only as good as the encoder's features (PAPER §3): the paper starts from
+RF's targets are only as good as the encoder's features (docs/method.md, "Representation
+targets and online VQ"): the paper starts from
 DINOv3-H+, pretrained on 1.7B images. The toy's ViT starts from random weights and learns
-only from ~800 steps of understanding loss, and `nanorf.probe` shows what that gives: codes
+only from ~800 steps of understanding loss, and `experiments.probe` shows what that gives: codes
 that tell colours apart but not shapes, so the rep tokens cannot plan what the pixels fail
 to draw. This stage stands in for the pretrained encoder: it trains the same ViT, once,
 to label every patch with what covers it, so that its features separate shapes before the
@@ -34,10 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PRESETS, ViTConfig, get_config
-from .data import COLORS, SHAPES, ShapesWorld, palette_index
-from .model import images_to_tensor
-from .vit import ViT
+from nanorf.checkpoint import save_vit_weights
+from nanorf.config import PRESETS, ViTConfig, get_config
+from nanorf.data import COLORS, SHAPES, ShapesWorld, palette_index
+from nanorf.model import images_to_tensor
+from nanorf.vit import ViT
 
 N_CLASSES = 1 + len(COLORS) * len(SHAPES)
 
@@ -101,21 +103,6 @@ def pretrain(vcfg: ViTConfig, size: int, steps: int, batch_size: int = 64, lr: f
     return vit, acc
 
 
-def load_vit_init(path: str, vcfg: ViTConfig) -> dict:
-    """The ViT state dict written by main(), checked against the run's ViT config."""
-    if not Path(path).is_file():
-        raise ValueError(f"--vit-init: no file at {path}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        saved = ck["vit_config"]
-    except Exception as e:
-        raise ValueError(f"--vit-init: {path} is not a file written by nanorf.pretrain_vit ({type(e).__name__})") from None
-    if saved != vars(vcfg):
-        diff = ", ".join(f"{k} {saved.get(k)} != {v}" for k, v in vars(vcfg).items() if saved.get(k) != v)
-        raise ValueError(f"--vit-init: {path} holds a ViT of another shape ({diff})")
-    return ck["vit"]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Pretrain the toy's ViT to tell shapes apart (a stand-in for DINOv3).")
     p.add_argument("--config", default="toy", choices=sorted(PRESETS), help="preset whose ViT and image size to use")
@@ -125,19 +112,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out)
     if not out.parent.is_dir():
-        print(f"nanorf.pretrain_vit: error: folder {out.parent} does not exist", file=sys.stderr)
+        print(f"experiments.pretrain_vit: error: folder {out.parent} does not exist", file=sys.stderr)
         sys.exit(2)
     cfg = get_config(args.config).model
     vit, acc = pretrain(cfg.vit, cfg.image_size, args.steps, seed=args.seed)
-    save_vit(out, vit, acc)
+    save_vit_weights(out, vit, {"held_out": acc})
     print(f"wrote {out}")
-
-
-def save_vit(path: Path, vit: ViT, acc: dict):
-    """Atomically: the weights, the ViT config they fit, and the held-out accuracies."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"vit_config": vars(vit.cfg), "vit": vit.state_dict(), "held_out": acc}, tmp)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

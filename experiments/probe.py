@@ -1,8 +1,8 @@
 """What the representation tokens carry, and what the pixel block does with them.
 
-    python -m nanorf.probe --ckpt out/ablate/rf-s0/ckpt.pt [--n 64] [--json probe.json]
+    python -m experiments.probe --ckpt out/ablate/rf-s0/ckpt.pt [--n 64] [--json probe.json]
 
-RF's claim (PAPER §3, Table 3a) is that the rep tokens plan the picture and the pixel
+RF's claim (docs/method.md, "Ablations (Table 3)"; the paper's Table 3a) is that the rep tokens plan the picture and the pixel
 block follows the plan. When a checkpoint falls short, this says which half fails:
 
   codebook      how many of the K codes the held-out images use, and their perplexity
@@ -28,25 +28,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 import numpy as np
 import torch
 
-from .data import ShapesWorld, held_out_prompts
-from .eval import group_scores
-from .model import RepresentationTargets, images_to_tensor, patchify, tensor_to_images, unpatchify
-from .sampler import sample_pixels, text_to_image
+from nanorf.data import ShapesWorld, held_out_prompts
+from nanorf.eval import group_scores
+from nanorf.model import RepresentationTargets, images_to_tensor, patchify, tensor_to_images, unpatchify
+from nanorf.sampler import sample_pixels, text_to_image
+from nanorf.vq import codebook_stats
 
 KEYS = ("object", "colors", "position", "color_attr", "exact", "overall")
 
 
 def usage(codes: torch.Tensor, K: int) -> dict:
     """Distinct codes and the perplexity of their histogram over all positions of (B, N) ids."""
-    p = torch.bincount(codes.flatten(), minlength=K).float()
-    p = p[p > 0] / p.sum()
-    return {"codes_used": int(p.numel()), "perplexity": float(math.exp(-(p * p.log()).sum()))}
+    st = codebook_stats(codes, K)
+    return {"codes_used": st["used"], "perplexity": st["perplexity"]}
 
 
 @torch.no_grad()
@@ -88,11 +87,9 @@ def probe(model, targets: RepresentationTargets | None, n: int = 64, seed: int =
         return out
     x, _ = text_to_image(model, prompts, torch.Generator().manual_seed(seed), cfg_mode="norep")
     out["pixels_given_no_reps"] = score(x)
-    f = cfg.flow
     true = targets(real, update=False)                                            # ids or features
     ids = [model.tok.encode(p, cfg.max_text_len) for p in prompts]
-    x = sample_pixels(model, ids, true, f.steps, f.cfg_pix, f.solver, f.shift, f.cfg_interval,
-                      torch.Generator().manual_seed(seed), f.cfg_mode, f.cfg_pix_rep)
+    x = sample_pixels(model, ids, true, cfg.sample, torch.Generator().manual_seed(seed))
     out["pixels_given_real_reps"] = score(x)
     if targets.vq is not None:
         K = cfg.vq.codebook_size
@@ -110,14 +107,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    from .checkpoint import CheckpointError, load_checkpoint, load_model
+    from nanorf.checkpoint import CheckpointError, load_checkpoint, load_model
     try:
         if args.n < 1:
             raise CheckpointError("--n must be at least 1")
         model, cfg, step = load_model(args.ckpt)
         ck = load_checkpoint(args.ckpt)
     except CheckpointError as e:
-        print(f"nanorf.probe: error: {e}", file=sys.stderr)
+        print(f"experiments.probe: error: {e}", file=sys.stderr)
         sys.exit(2)
     targets = None
     if ck.get("targets") is not None:

@@ -1,8 +1,8 @@
 """Benchmark: training throughput against the machine's matmul ceiling, and the fast
 sampler against the reference one, measured side by side in one run.
 
-    python -m nanorf.bench              # everything (a few minutes on 2 CPU cores)
-    python -m nanorf.bench --quick      # fewer repeats, only the narrow 1024-px probe, fitted decode
+    python -m experiments.bench              # everything (a few minutes on 2 CPU cores)
+    python -m experiments.bench --quick      # fewer repeats, only the narrow 1024-px probe, fitted decode
 
 FLOPs are counted analytically from the shapes of the actual padded batch (matmuls
 and attention only, 2 FLOPs per multiply-add, backward = 2x forward), so the model
@@ -16,10 +16,11 @@ import time
 
 import torch
 
-from .config import apply_overrides, get_config
-from .model import RFModel, RepresentationTargets
-from .mot import PIX
-from .sampler import _step, prefill, text_to_image
+from nanorf.config import apply_overrides, get_config
+from nanorf.model import RFModel, RepresentationTargets
+from nanorf.mot import PIX
+from nanorf.stream import Stream
+from nanorf.sampler import prefill, sample_rep_tokens, settings_for, step_tokens, text_to_image
 
 
 def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
@@ -80,26 +81,21 @@ def train_step_flops(cfg, gen_len: int, und_len: int) -> float:
 
 def bench_train(name: str, overrides=(), repeat: int = 3) -> dict:
     """Time full training steps (targets + forward + backward + AdamW) of a preset."""
-    from train import Stream, make_optimizer
     cfg = get_config(name)
     apply_overrides(cfg, list(overrides))
     torch.manual_seed(0)
     model = RFModel(cfg.model)
     targets = RepresentationTargets(cfg.model, model.vit) if cfg.model.rf else None
-    opt = make_optimizer(model, cfg.train)
-    stream, t = Stream(cfg), cfg.train
-    draws = stream.draws(0, model.n_pix, cfg.model.patch_size ** 2 * 3)
-    prompts, images = stream.gen_items(0, range(t.batch_size))
-    qs, ans, uimages = stream.und_items(0, range(t.und_batch_size))
-    gen = {"prompts": [model.tok.encode(p) for p in prompts], "images": images, "t": draws["t"],
-           "eps": draws["eps"], "drop_text": draws["drop_text"], "drop_rep": draws["drop_rep"]}
-    und = {"images": uimages, "questions": [model.question_ids(q) for q in qs],
-           "answers": [model.tok.encode(a) for a in ans]}
-    gen_len = model.gen_layout(gen["prompts"], model.n_rep, model.n_pix).tokens.shape[1]
-    und_len = model.und_layout(und["questions"], und["answers"]).tokens.shape[1]
+    opt = model.configure_optimizer(cfg.train)
+    stream, t, cpu = Stream(cfg, model), cfg.train, torch.device("cpu")
+    gen = stream.gen_batch(0, range(t.batch_size), stream.draws(0), cpu)
+    und = stream.und_batch(0, range(t.und_batch_size), cpu)
+    gen_len = model.gen_layout(gen.prompts, model.n_rep, model.n_pix).tokens.shape[1]
+    und_len = model.und_layout(und.questions, und.answers).tokens.shape[1]
 
     def step():
-        gen["codes"] = targets(images) if targets is not None else None
+        if targets is not None:
+            targets.label(gen)
         loss, _ = model(gen, und)
         loss.backward()
         opt.step()
@@ -125,11 +121,11 @@ def uncached_decode_s(m: RFModel, prompt, fit: bool) -> float:
     token i re-runs a forward over the whole prefix, i rep tokens long. fit=False times
     them all; fit=True times the forwards at 9 prefix lengths and sums a least-squares
     a + b i + c i^2 over all i (linear layers cost ~i, attention ~i^2)."""
-    from .sampler import sample_rep_tokens
     N = m.n_rep
     if not fit:
         t0 = time.perf_counter()
-        sample_rep_tokens(m, prompt, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
+        sample_rep_tokens(m, prompt, settings_for(m, cfg_rep=1.0, top_k=0, temperature=1.0),
+                          torch.Generator().manual_seed(0))
         return time.perf_counter() - t0
     codes = torch.zeros(1, N, dtype=torch.long)
     xs = torch.linspace(0, N - 1, 9).round().long().tolist()
@@ -159,17 +155,17 @@ def paper1024_probe(dim: int, depth: int, heads: int, fit: bool) -> dict:
         pos = lay.pos[:, -1:] + 1
         codes = torch.zeros(1, m.n_rep, dtype=torch.long)
         for i in range(m.n_rep):
-            h = _step(m, cache, m.embed_rep(codes[:, i:i + 1], i), 1, pos + i, cache.mask(1, bidir=False), write=True)
-            m.rep_head(h[:, -1])
+            h = step_tokens(m, cache, m.embed_rep(codes[:, i:i + 1], i), 1, pos + i, cache.mask(1, bidir=False), write=True)
+            m.rep.readout(h[:, -1])
         out["decode_cached_s"] = time.perf_counter() - t0
         out["decode_uncached_s"] = uncached_decode_s(m, prompt, fit)
         # [BOP], then one diffusion step with and without the prefix
-        _step(m, cache, m.tok_emb(torch.full((1, 1), m.tok.bop)), PIX, pos + m.n_rep, cache.mask(1, False), True)
+        step_tokens(m, cache, m.tok_emb(torch.full((1, 1), m.tok.bop)), PIX, pos + m.n_rep, cache.mask(1, False), True)
         z = torch.randn(1, m.n_pix, cfg.model.patch_size ** 2 * 3)
         t = torch.full((1,), 0.5)
         pix_pos = pos + m.n_rep + 1
         mask = cache.mask(m.n_pix, bidir=True)
-        step_cached = timeit(lambda: m.pix_head(_step(m, cache, m.embed_pix(z, t), PIX, pix_pos, mask, False)), 2)
+        step_cached = timeit(lambda: m.pix_head(step_tokens(m, cache, m.embed_pix(z, t), PIX, pix_pos, mask, False)), 2)
         pix_only = lambda: m.pix_head(m.mot(m.embed_pix(z, t), torch.full((1, m.n_pix), PIX), pix_pos.expand(1, m.n_pix),
                                             torch.ones(1, 1, m.n_pix, m.n_pix, dtype=torch.bool)))
         step_alone = timeit(pix_only, 2)
