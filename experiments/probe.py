@@ -30,7 +30,6 @@ import argparse
 import json
 import sys
 
-import numpy as np
 import torch
 
 from nanorf.data import ShapesWorld, held_out_prompts

@@ -68,7 +68,7 @@ class Layout:
 
 def build_layout(rows: list[list[Token]], left: bool) -> Layout:
     """Stack rows of Tokens, padded on the left (generation) or the right (understanding)."""
-    B, L = len(rows), max(len(r) for r in rows)
+    L = max(len(r) for r in rows)
     pad = [[PAD_TOKEN] * (L - len(r)) for r in rows]
     table = np.array([p + r if left else r + p for p, r in zip(pad, rows)], dtype=np.int64)   # (B, L, 6)
     tokens, modality, pos, block, noisy, targets = torch.from_numpy(table).unbind(-1)          # each (B, L)

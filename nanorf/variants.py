@@ -199,13 +199,16 @@ class REPAModel(RFModel):
         return super().rep_loss(out, b) + self.cfg.repa_weight * repa_loss(self.repa_proj(out.tapped), b.align)
 
 
+class ContinuousREPAModel(REPAModel, ContinuousRepModel):
+    """Continuous targets and REPA at once: not a paper variant, but the two compose."""
+
+
 def model_class(cfg: ModelConfig) -> type[RFModel]:
     """The class a config asks for: RF, or one of the Table 3 variants."""
-    if cfg.rf and cfg.rep_target == "continuous":
-        if cfg.repa_weight:
-            raise ValueError("choose one variant: continuous rep targets or REPA, not both")
-        return ContinuousRepModel
-    return REPAModel if cfg.repa_weight else RFModel
+    continuous = cfg.rf and cfg.rep_target == "continuous"
+    if cfg.repa_weight:
+        return ContinuousREPAModel if continuous else REPAModel
+    return ContinuousRepModel if continuous else RFModel
 
 
 def build_model(cfg: ModelConfig) -> RFModel:

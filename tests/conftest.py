@@ -1,14 +1,28 @@
-"""Shared fixtures: a tiny model configuration that runs in milliseconds on CPU.
+"""Shared fixtures and helpers: a tiny model configuration that runs in milliseconds on CPU,
+the tiny command line of train.py / sample.py, and what the end-to-end tests share.
 
 Tiny shapes: image 16x16, pixel patch 4 (M = 16 patches of 48 values), ViT patch 4
 (V = 16 ViT tokens), rep grid 2 (N = 4 representation tokens), K = 16 codes,
-MoT width 32, 2 blocks, 2 heads.
+MoT width 32, 2 blocks, 2 heads. The command line (TINY_ARGS) keeps the toy's 32x32 world
+with the tiny widths.
 """
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 
 from nanorf.config import apply_overrides, get_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--config", "toy",
+             "--set", "model.mot.dim=32", "--set", "model.mot.depth=2", "--set", "model.mot.heads=2",
+             "--set", "model.vit.dim=32", "--set", "model.vit.depth=1", "--set", "model.vit.heads=2",
+             "--set", "model.vq.codebook_size=16", "--set", "model.sample.steps=2",
+             "--set", "train.batch_size=8", "--set", "train.und_batch_size=4", "--eval-prompts", "0"]
 
 TINY = [
     "model.mot.dim=32", "model.mot.depth=2", "model.mot.heads=2",
@@ -26,9 +40,9 @@ def _tiny_model(*extra: str, seed: int = 0, randomize_pix_head: bool = True):
     """An RFModel on the tiny config. The pixel head is zero-initialised by design (JiT), which
     would make every x-prediction 0 and every pixel-side test vacuous, so by default it gets
     random weights here."""
-    from nanorf.model import RFModel
+    from nanorf.variants import build_model
     torch.manual_seed(seed)
-    model = RFModel(_tiny_config(*extra).model)
+    model = build_model(_tiny_config(*extra).model)
     if randomize_pix_head:
         torch.nn.init.normal_(model.pix_head.weight, std=0.2)
         torch.nn.init.normal_(model.pix_head.bias, std=0.2)
@@ -47,12 +61,60 @@ def tiny_model():
     return _tiny_model
 
 
+@contextmanager
+def threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.fixture
 def single_thread():
     """Tiny tensors run ~20x faster on one intra-op thread than on two contended ones (measured on
     the shared 2-core box); restored afterwards. Opt in per module with
     `pytestmark = pytest.mark.usefixtures("single_thread")`."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def single_thread_module():
+    """single_thread for a whole module, so module-scoped fixtures (a trained checkpoint) get it too."""
+    with threads(1):
+        yield
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment of a CLI run in a subprocess: the repo importable, one thread each."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+
+
+def read_log(out_dir) -> list[dict]:
+    """The records of a run's log.jsonl."""
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def expect_cli_error(capsys, fn, prefix: str) -> str:
+    """fn() must exit non-zero with exactly one stderr line starting with `prefix`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fn()
+    assert e.value.code not in (0, None)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix), err
+    return lines[0]
+
+
+def state_equal(a: dict, b: dict, atol: float = 0.0, what: str = ""):
+    """Two state dicts hold the same keys and tensors: floats within atol, the rest exactly."""
+    assert a.keys() == b.keys(), what
+    for k in a:
+        if torch.is_tensor(a[k]):
+            if a[k].dtype.is_floating_point:
+                torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=f"{what} {k} differs")
+            else:
+                assert torch.equal(a[k], b[k]), f"{what} {k}"

@@ -1,5 +1,7 @@
 """Presets build at the paper's shapes; config round-trips and overrides."""
 
+import json
+
 import pytest
 import torch
 
@@ -15,24 +17,32 @@ def test_paper_presets_have_the_paper_token_counts(name, n_rep, n_pix):
     with torch.device("meta"):  # shapes only: no memory, no init cost
         m = RFModel(cfg.model)
     assert (m.n_rep, m.n_pix) == (n_rep, n_pix)
-    assert m.rep_head.weight.shape == (16384, cfg.model.mot.dim)
+    assert m.rep.head.weight.shape == (16384, cfg.model.mot.dim)
     assert m.pix_head.weight.shape == (16 * 16 * 3, cfg.model.mot.dim)
     assert m.rep_pos.shape == (n_rep, cfg.model.mot.dim)
 
 
-def test_every_preset_builds_and_round_trips():
-    for name in PRESETS:
-        cfg = get_config(name)
-        assert Config.from_dict(cfg.to_dict()) == cfg
-        with torch.device("meta"):
-            RFModel(cfg.model)
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_at_its_token_counts_and_round_trips(name):
+    cfg = get_config(name)
+    # through JSON, as a checkpoint's config may travel: tuples come back as lists
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    m = cfg.model
+    with torch.device("meta"):
+        model = RFModel(m)
+    assert model.n_pix == (m.image_size // m.patch_size) ** 2
+    assert model.n_rep == (m.image_size // m.vit.patch_size // m.vq.pool) ** 2
+    assert model.rep_pos.shape == (model.n_rep, m.mot.dim)
+    # the tokens a layout holds for one generation example: [BOS] [BOR] r [BOP] p
+    lay = model.gen_layout([[]], model.n_rep, model.n_pix)
+    assert lay.tokens.shape == (1, 3 + model.n_rep + model.n_pix)
 
 
 def test_overrides_parse_types_and_reject_bad_keys():
     cfg = apply_overrides(get_config("toy"), ["model.mot.dim=256", "train.lr=3e-4", "model.rf=false",
-                                              "model.flow.cfg_interval=0.1,0.9"])
+                                              "model.sample.cfg_interval=0.1,0.9"])
     assert cfg.model.mot.dim == 256 and cfg.train.lr == 3e-4 and cfg.model.rf is False
-    assert cfg.model.flow.cfg_interval == (0.1, 0.9)
+    assert cfg.model.sample.cfg_interval == (0.1, 0.9)
     for bad in ["model.nope=1", "model.mot=3", "train.lr", "model.mot.dim=abc"]:
         with pytest.raises(ValueError):
             apply_overrides(get_config("toy"), [bad])

@@ -23,7 +23,6 @@ checks separately. Rank 1 gets its own --out-dir so we can see it writes nothing
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -39,14 +38,9 @@ from PIL import Image
 import train
 from nanorf.checkpoint import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config", "toy",
-        "--set", "model.mot.dim=32", "--set", "model.mot.depth=2", "--set", "model.mot.heads=2",
-        "--set", "model.vit.dim=32", "--set", "model.vit.depth=1", "--set", "model.vit.heads=2",
-        "--set", "model.vq.codebook_size=16", "--set", "model.flow.steps=2",
-        "--set", "train.batch_size=8", "--set", "train.und_batch_size=4",
-        "--set", "train.log_every=1", "--set", "train.ckpt_every=0", "--eval-prompts", "0",
-        "--device", "cpu"]
+from conftest import ROOT, TINY_ARGS, read_log, state_equal, subprocess_env
+
+TINY = [*TINY_ARGS, "--set", "train.log_every=1", "--set", "train.ckpt_every=0", "--device", "cpu"]
 ATOL = 1e-5  # reduction order differs (gradient all-reduce, VQ sums), so not bit-exact
 
 HELPER = """
@@ -77,9 +71,8 @@ def start_ranks(tmp: Path, scenarios: list[dict], world: int = 2) -> list[subpro
     script.write_text(HELPER.format(root=str(ROOT)))
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1",
-               "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
+        env = subprocess_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                             LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
         log = open(tmp / f"rank{rank}.out", "w")
         procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(scenarios)], cwd=tmp, env=env,
                                       stdout=log, stderr=subprocess.STDOUT))
@@ -172,12 +165,7 @@ def runs(tmp_path_factory):
 
 
 def assert_state_close(a: dict, b: dict, what: str):
-    assert a.keys() == b.keys(), what
-    for k in a:
-        if torch.is_tensor(a[k]) and a[k].dtype.is_floating_point:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=ATOL, msg=f"{what}: {k} differs")
-        elif torch.is_tensor(a[k]):
-            assert torch.equal(a[k], b[k]), f"{what}: {k}"
+    state_equal(a, b, atol=ATOL, what=what)
 
 
 def assert_same_training(ref_dir: Path, ddp_dir: Path, step: int):
@@ -188,10 +176,6 @@ def assert_same_training(ref_dir: Path, ddp_dir: Path, step: int):
     assert_state_close(ref["targets"], ddp["targets"], "targets (EMA encoder + codebook)")
     for i, (sa, sb) in enumerate(zip(ref["optimizer"]["state"].values(), ddp["optimizer"]["state"].values())):
         assert_state_close(sa, sb, f"optimizer state {i}")
-
-
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
 
 
 def test_ddp_matches_single_process(runs):
@@ -241,7 +225,7 @@ def test_ddp_ablation_variants_match_single_process(runs):
     assert_same_training(ref, ddp, 2)
     ck = load_checkpoint(ddp / "ckpt.pt")
     assert ck["config"]["model"]["rep_target"] == "continuous" and ck["config"]["model"]["repa_weight"] == 0.5
-    assert "repa_proj.net.0.weight" in ck["model"] and "rep_head.out.weight" in ck["model"]
+    assert "repa_proj.net.0.weight" in ck["model"] and "rep.head.out.weight" in ck["model"]
     for a, b in zip(read_log(ref), read_log(ddp)):
         assert a["rep"] == pytest.approx(b["rep"], abs=2e-4) and a["rep"] > 0
 

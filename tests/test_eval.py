@@ -3,7 +3,6 @@
 import random
 
 import pytest
-import torch
 
 import nanorf.eval as ev
 from nanorf.data import Obj, Scene, parse_caption, render
@@ -63,10 +62,3 @@ def test_eval_cli_bad_checkpoint(tmp_path, capsys):
         ev.main(["--ckpt", str(tmp_path / "missing.pt")])
     assert e.value.code == 2
     assert "nanorf.eval: error:" in capsys.readouterr().err
-
-
-def test_train_step_flops_hand_count():
-    from nanorf.bench import trunk_flops
-    # 10 tokens in sequences of 5, dim 4, depth 2, hidden 8:
-    # per token per layer 2*(4*16 + 3*4*8) = 320 projection FLOPs + 4*5*4 = 80 attention FLOPs
-    assert trunk_flops(10, 5, 4, 2, 8) == 10 * 2 * (320 + 80)

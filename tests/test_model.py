@@ -3,12 +3,14 @@ losses (hand checks, per-example normalisation, CFG drops), that training lowers
 and the representation targets."""
 
 import math
+from dataclasses import astuple, replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanorf.model import (RepresentationTargets, images_to_tensor, patchify, sincos_2d,
+from nanorf.layout import NO_BLOCK, PIX_BLOCK, VIT_BLOCK
+from nanorf.model import (GenBatch, RepresentationTargets, UndBatch, images_to_tensor, patchify, sincos_2d,
                           tensor_to_images, unpatchify)
 from nanorf.mot import PAD, PIX, REP, UND
 
@@ -83,16 +85,14 @@ def test_gen_layout_hand_built(tiny_model):
     assert lay.pos[1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10] + [11] * 16
     assert lay.valid[0].tolist() == [False, False] + [True] * (L - 2)
     assert lay.noisy[0].tolist() == [False] * (L - 16) + [True] * 16
-    assert lay.bidir[0].tolist() == [False] * (L - 16) + [True] * 16
-    assert len(set(lay.seg[0, lay.pix_cols].tolist())) == 1
-    assert len(set(lay.seg[0, : L - 16].tolist())) == L - 16
+    assert lay.block[0].tolist() == [NO_BLOCK] * (L - 16) + [PIX_BLOCK] * 16
     assert (lay.targets == -1).all()
 
 
 def test_gen_layout_without_rf(tiny_model):
     m = tiny_model("model.rf=false")
     t = m.tok
-    assert m.n_rep == 0 and not hasattr(m, "rep_head")
+    assert m.n_rep == 0 and m.rep is None
     lay = m.gen_layout([[65]], n_rep=0, n_pix=16)
     assert lay.rep_cols is None and lay.pix_cols == slice(3, 19)
     assert lay.tokens[0, :3].tolist() == [t.bos, 65, t.bop]
@@ -116,7 +116,7 @@ def test_und_layout_hand_built(tiny_model):
     want1[s + 2], want1[s + 3] = 20, t.eos
     assert lay.targets[1].tolist() == want1
     assert lay.pos[0].tolist() == [0, 1] + [2] * V + [3, 4, 5, 6, 7, 8]
-    assert lay.bidir[0].tolist() == [False, False] + [True] * V + [False] * 6
+    assert lay.block[0].tolist() == [NO_BLOCK] * 2 + [VIT_BLOCK] * V + [NO_BLOCK] * 6
     assert not lay.noisy.any()
     # right padding: a shorter example keeps its ViT block in the same columns
     lay2 = m.und_layout([[10], [10, 11, 12]], [[12], [20, 21, 22]])
@@ -135,12 +135,12 @@ def test_und_layout_without_eos_has_no_targets_on_question(tiny_model):
 
 def _gen_batch(B=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return dict(prompts=[[65, 66, 67], [68]][:B] + [[70 + i] for i in range(B - 2)],
-                images=torch.rand(B, 3, 16, 16, generator=g) * 2 - 1,
-                codes=torch.randint(0, 16, (B, 4), generator=g),
-                t=torch.rand(B, generator=g) * 0.8 + 0.1,
-                eps=torch.randn(B, 16, 48, generator=g),
-                drop_text=torch.zeros(B, dtype=torch.bool), drop_rep=torch.zeros(B, dtype=torch.bool))
+    return GenBatch(prompts=[[65, 66, 67], [68]][:B] + [[70 + i] for i in range(B - 2)],
+                    images=torch.rand(B, 3, 16, 16, generator=g) * 2 - 1,
+                    targets=torch.randint(0, 16, (B, 4), generator=g),
+                    t=torch.rand(B, generator=g) * 0.8 + 0.1,
+                    eps=torch.randn(B, 16, 48, generator=g),
+                    drop_text=torch.zeros(B, dtype=torch.bool), drop_rep=torch.zeros(B, dtype=torch.bool))
 
 
 def test_gen_loss_finite_rf_on_and_off(tiny_model):
@@ -148,8 +148,8 @@ def test_gen_loss_finite_rf_on_and_off(tiny_model):
         m = tiny_model(f"model.rf={rf}")
         b = _gen_batch()
         if rf == "false":
-            b["codes"] = None
-        l_rep, l_fm = m.gen_loss(**b)
+            b.targets = None
+        l_rep, l_fm = m.gen_loss(b)
         assert l_rep.shape == () and l_fm.shape == ()
         assert torch.isfinite(l_rep) and torch.isfinite(l_fm) and l_fm > 0
         if rf == "true":
@@ -162,16 +162,16 @@ def test_gen_loss_hand_check_with_zero_pixel_head(tiny_model):
     """At init the pixel head is zero (JiT), so x_pred = 0 and L_FM has a closed form."""
     m = tiny_model(randomize_pix_head=False)
     b = _gen_batch()
-    _, l_fm = m.gen_loss(**b)
-    x = patchify(b["images"], 4)
-    t = b["t"][:, None, None]
-    z = t * x + (1 - t) * b["eps"]
-    want = ((-z / (1 - t).clamp_min(0.05) - (x - b["eps"])) ** 2).mean()
+    _, l_fm = m.gen_loss(b)
+    x = patchify(b.images, 4)
+    t = b.t[:, None, None]
+    z = t * x + (1 - t) * b.eps
+    want = ((-z / (1 - t).clamp_min(0.05) - (x - b.eps)) ** 2).mean()
     assert l_fm.item() == pytest.approx(want.item(), rel=1e-5)
-    rep_logits, _ = m.gen_forward(b["prompts"], b["codes"], patchify(b["images"], 4), b["t"])
+    rep_logits = m.gen_forward(b.prompts, b.targets, patchify(b.images, 4), b.t).rep
     # the rep loss is next-token CE: logits at [BOR], r_1..r_3 predict r_1..r_4
-    l_rep, _ = m.gen_loss(**b)
-    ce = F.cross_entropy(rep_logits[:, :4].reshape(-1, 16), b["codes"].reshape(-1))
+    l_rep, _ = m.gen_loss(b)
+    ce = F.cross_entropy(rep_logits[:, :4].reshape(-1, 16), b.targets.reshape(-1))
     assert rep_logits.shape == (2, 5, 16)
     assert l_rep.item() == pytest.approx(ce.item(), rel=1e-5)
 
@@ -179,9 +179,9 @@ def test_gen_loss_hand_check_with_zero_pixel_head(tiny_model):
 def test_drop_text_equals_empty_prompt(tiny_model):
     m = tiny_model()
     b = _gen_batch()
-    dropped = m.gen_loss(**{**b, "drop_text": torch.tensor([True, False])})
-    empty = m.gen_loss(**{**b, "prompts": [[], b["prompts"][1]]})
-    kept = m.gen_loss(**b)
+    dropped = m.gen_loss(replace(b, drop_text=torch.tensor([True, False])))
+    empty = m.gen_loss(replace(b, prompts=[[], b.prompts[1]]))
+    kept = m.gen_loss(b)
     for d, e in zip(dropped, empty):
         assert d.item() == pytest.approx(e.item(), abs=1e-6)
     assert abs(dropped[1].item() - kept[1].item()) > 1e-6   # the drop matters
@@ -190,8 +190,8 @@ def test_drop_text_equals_empty_prompt(tiny_model):
 def test_drop_rep_changes_only_fm(tiny_model):
     m = tiny_model()
     b = _gen_batch()
-    l_rep0, l_fm0 = m.gen_loss(**b)
-    l_rep1, l_fm1 = m.gen_loss(**{**b, "drop_rep": torch.tensor([True, True])})
+    l_rep0, l_fm0 = m.gen_loss(b)
+    l_rep1, l_fm1 = m.gen_loss(replace(b, drop_rep=torch.tensor([True, True])))
     assert l_rep0.item() == pytest.approx(l_rep1.item(), abs=1e-7)   # rep tokens never see pixels
     assert abs(l_fm0.item() - l_fm1.item()) > 1e-6
 
@@ -201,42 +201,45 @@ def _und_batch(idx, seed=0):
     images = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
     qs = [[10, 11, 12], [40], [50, 51]]
     ans = [[20], [21, 22, 23, 24, 25, 26], [30, 31]]
-    return dict(images=images[idx], questions=[qs[i] for i in idx], answers=[ans[i] for i in idx])
+    return UndBatch(images=images[idx], questions=[qs[i] for i in idx], answers=[ans[i] for i in idx])
 
 
 def test_und_loss_hand_check(tiny_model):
     m = tiny_model()
     b = _und_batch([1])
-    logits, lay = m.und_forward(**b)
+    logits, lay = m.und_forward(b.images, b.questions, b.answers)
     s = 2 + 16 + 1           # first text column; question is 1 byte, answer 6 bytes, then EOS
     cols = list(range(s, s + 7))
     tgt = torch.tensor([21, 22, 23, 24, 25, 26, m.tok.eos])
     want = F.cross_entropy(logits[0, cols], tgt)
-    assert m.und_loss(**b).item() == pytest.approx(want.item(), rel=1e-5)
+    assert m.und_loss(b).item() == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_und_loss_is_mean_of_per_example_means(tiny_model):
     """Each example weighs the same whatever its answer length: the property that makes a DDP
     step equal a single-process step."""
     m = tiny_model()
-    both = m.und_loss(**_und_batch([0, 1])).item()
-    l0, l1 = m.und_loss(**_und_batch([0])).item(), m.und_loss(**_und_batch([1])).item()
+    both = m.und_loss(_und_batch([0, 1])).item()
+    l0, l1 = m.und_loss(_und_batch([0])).item(), m.und_loss(_und_batch([1])).item()
     assert both == pytest.approx((l0 + l1) / 2, abs=1e-5)
     # and it is not the token-weighted mean (2 vs 7 target tokens)
     assert abs(both - (2 * l0 + 7 * l1) / 9) > 1e-3
-    three = m.und_loss(**_und_batch([0, 1, 2])).item()
-    l2 = m.und_loss(**_und_batch([2])).item()
+    three = m.und_loss(_und_batch([0, 1, 2])).item()
+    l2 = m.und_loss(_und_batch([2])).item()
     assert three == pytest.approx((l0 + l1 + l2) / 3, abs=1e-5)
 
 
 def test_forward_sums_the_three_losses(tiny_model):
     m = tiny_model()
-    total, parts = m(_gen_batch(), _und_batch([0, 2]))
-    assert set(parts) == {"lm", "rep", "fm"}
-    assert total.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-6)
-    assert all(v.item() > 0 for v in parts.values())
+    gen, und = _gen_batch(), _und_batch([0, 2])
+    total, parts = m(gen, und)
+    l_rep, l_fm = m.gen_loss(gen)
+    assert (parts.lm.item(), parts.rep.item(), parts.fm.item()) == pytest.approx(
+        (m.und_loss(und).item(), l_rep.item(), l_fm.item()), rel=1e-6)
+    assert total.item() == pytest.approx(sum(v.item() for v in astuple(parts)), rel=1e-6)
+    assert all(v.item() > 0 for v in astuple(parts))
     total2, parts2 = m(_gen_batch())
-    assert parts2["lm"].item() == 0.0
+    assert parts2.lm.item() == 0.0
 
 
 def test_short_training_run_lowers_the_loss(tiny_model):
@@ -249,7 +252,7 @@ def test_short_training_run_lowers_the_loss(tiny_model):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append({k: v.item() for k, v in parts.items()})
+        losses.append({"lm": parts.lm.item(), "rep": parts.rep.item(), "fm": parts.fm.item()})
     first, last = losses[0], losses[-1]
     assert sum(last.values()) < 0.7 * sum(first.values())
     for k in ("lm", "rep", "fm"):
@@ -263,6 +266,35 @@ def test_every_parameter_gets_a_gradient(tiny_model):
     loss.backward()
     missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
+
+
+def test_new_parameters_are_the_generation_side_modules(tiny_model):
+    """The x4-LR set: every parameter only rep/pix tokens pass through, by module, including
+    the rep and pixel experts' final norms; nothing the understanding path uses."""
+    m = tiny_model()
+    new = {id(p) for p in m.new_parameters()}
+    names = {n for n, p in m.named_parameters() if id(p) in new}
+    for want in ("mot.norm.1.weight", "mot.norm.2.weight", "rep_pos", "rep.emb.weight", "rep.head.weight",
+                 "pix_emb.weight", "pix_head.bias", "t_emb.0.weight", "mot.blocks.0.ffn.1.up.weight",
+                 "mot.blocks.1.ffn.2.down.weight"):
+        assert want in names, want
+    for n in names:
+        assert not n.startswith(("vit.", "connector.", "tok_emb", "lm_head", "mot.norm.0")), n
+        assert ".ffn.0." not in n and ".attn_in." not in n and ".attn_out." not in n, n
+    # with per-modality attention the rep/pix attention is new too
+    m2 = tiny_model("model.mot.shared_attention=false")
+    names2 = {n for n, p in m2.named_parameters() if id(p) in {id(q) for q in m2.new_parameters()}}
+    assert "mot.blocks.0.attn_in.1.qkv.weight" in names2 and "mot.blocks.0.attn_out.2.weight" in names2
+    assert "mot.blocks.0.attn_in.0.qkv.weight" not in names2
+    # and the optimiser gives exactly them the multiplier
+    opt = m.configure_optimizer(replace(tiny_config_train(), new_param_lr_mult=4.0))
+    mult = {id(p): g["lr_mult"] for g in opt.param_groups for p in g["params"]}
+    assert all(mult[id(p)] == (4.0 if id(p) in new else 1.0) for p in m.parameters())
+
+
+def tiny_config_train():
+    from nanorf.config import TrainConfig
+    return TrainConfig()
 
 
 # ---- representation targets ----------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch.nn as nn
 from nanorf.mot import (KVCache, PAD, PIX, REP, UND, MoT, MoTBlock, Routing, apply_rope, attention_mask,
                         rope_cos_sin)
 from nanorf.config import MoTConfig
-from nanorf.model import build_layout
+from nanorf.model import GenBatch
+from nanorf.layout import NO_BLOCK, Token, build_layout
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -128,8 +129,8 @@ def test_und_mask_hand_written(tiny_model):
 
 def test_noisy_block_invisible_to_later_tokens_but_vit_block_visible():
     # BOS, a 2-token bidirectional ViT block (clean), t1, BOP, a 2-token noisy pixel block, t2
-    rows = [[(1, UND, 0, -1, 0, -1), (0, UND, 1, 0, 0, -1), (0, UND, 1, 0, 0, -1), (2, UND, 2, -1, 0, -1),
-             (3, PIX, 3, -1, 0, -1), (0, PIX, 4, 1, 1, -1), (0, PIX, 4, 1, 1, -1), (4, UND, 5, -1, 0, -1)]]
+    vit, pix = Token(pos=1, block=0), Token(modality=PIX, pos=4, block=1, noisy=True)
+    rows = [[Token(1), vit, vit, Token(2, pos=2), Token(3, PIX, pos=3), pix, pix, Token(4, pos=5)]]
     lay = build_layout(rows, left=False)
     expected = _mat("""
     10000000
@@ -147,7 +148,9 @@ def test_noisy_block_invisible_to_later_tokens_but_vit_block_visible():
 # ---- no leakage, end to end ----------------------------------------------------------------
 
 def _gen(m, prompt, codes, z, t=0.3, drop_rep=None):
-    return m.gen_forward([prompt], codes, z, torch.tensor([t]), drop_rep)
+    """(rep logits, x_pred) of one teacher-forced example."""
+    out = m.gen_forward([prompt], codes, z, torch.tensor([t]), drop_rep)
+    return out.rep, out.x_pred
 
 
 @pytest.fixture
@@ -217,7 +220,8 @@ def test_padding_does_not_change_outputs(tiny_model, gen_inputs):
     m = tiny_model()
     prompt, codes, z = gen_inputs
     t = torch.tensor([0.3, 0.6])
-    r, x = m.gen_forward([prompt[:1], prompt + [70, 71]], codes.repeat(2, 1), z.repeat(2, 1, 1), t)
+    out = m.gen_forward([prompt[:1], prompt + [70, 71]], codes.repeat(2, 1), z.repeat(2, 1, 1), t)
+    r, x = out.rep, out.x_pred
     r0, x0 = _gen(m, prompt[:1], codes, z, 0.3)
     r1, x1 = _gen(m, prompt + [70, 71], codes, z, 0.6)
     assert torch.allclose(r[:1], r0, atol=1e-5) and torch.allclose(x[:1], x0, atol=1e-5)
@@ -311,9 +315,8 @@ def _block_inputs(L=9, D=32, H=2):
     torch.manual_seed(0)
     mod = torch.tensor([[UND, UND, UND, REP, REP, REP, PIX, PIX, PIX]])
     pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 7]])
-    seg = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 100, 100]])
-    bidir = seg == 100
-    mask = attention_mask(seg, bidir, bidir, torch.ones(1, L, dtype=torch.bool), mod)
+    block = torch.tensor([[NO_BLOCK] * 7 + [1, 1]])
+    mask = attention_mask(block, block >= 0, torch.ones(1, L, dtype=torch.bool), mod)
     cos, sin = rope_cos_sin(pos, D // H, 10000.0)
     return torch.randn(1, L, D), Routing(mod), cos, sin, mask
 
@@ -352,9 +355,9 @@ def test_separate_attention_model_trains_every_expert(tiny_model):
     m = tiny_model("model.mot.shared_attention=false")
     g = torch.Generator().manual_seed(0)
     img = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
-    l_rep, l_fm = m.gen_loss([[65], [66, 67]], img, torch.randint(0, 16, (2, 4), generator=g),
-                             torch.tensor([0.2, 0.7]), torch.randn(2, 16, 48, generator=g),
-                             torch.tensor([False, False]), torch.tensor([False, False]))
+    l_rep, l_fm = m.gen_loss(GenBatch([[65], [66, 67]], img, torch.randint(0, 16, (2, 4), generator=g),
+                                      torch.tensor([0.2, 0.7]), torch.randn(2, 16, 48, generator=g),
+                                      torch.tensor([False, False]), torch.tensor([False, False])))
     (l_rep + l_fm).backward()
     for e in range(3):
         gq = m.mot.blocks[0].attn_in[e].qkv.weight.grad
@@ -418,9 +421,8 @@ def test_mot_forward_kv_cache_matches_full_pass():
     L, P = 9, 5
     mod = torch.tensor([[UND, UND, UND, REP, REP, REP, REP, REP, REP]])
     pos = torch.arange(L)[None]
-    seg = torch.arange(L)[None]
     valid = torch.ones(1, L, dtype=torch.bool)
-    full_mask = attention_mask(seg, torch.zeros_like(valid), torch.zeros_like(valid), valid, mod)
+    full_mask = attention_mask(torch.full((1, L), NO_BLOCK), torch.zeros_like(valid), valid, mod)
     x = torch.randn(1, L, 32)
     full = mot(x, mod, pos, full_mask)
     cache = KVCache(cfg.depth, L)

@@ -1,17 +1,17 @@
-"""Stage 0 (nanorf.pretrain_vit): patch labels by hand, and train.py --vit-init."""
+"""Stage 0 (experiments.pretrain_vit): patch labels by hand, and train.py --vit-init."""
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from nanorf.checkpoint import load_checkpoint
+from experiments.pretrain_vit import patch_labels, pretrain
+from nanorf.checkpoint import load_checkpoint, load_vit_weights, save_vit_weights
 from nanorf.data import Obj, Scene, render
-from nanorf.pretrain_vit import load_vit_init, patch_labels, pretrain, save_vit
 
-from test_train import TINY, expect_cli_error
+from conftest import expect_cli_error
+from test_train import TINY
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -34,8 +34,8 @@ def test_vit_init_loads_the_pretrained_weights(tmp_path, tiny_config, capsys):
     vit, acc = pretrain(vcfg, size=16, steps=2, batch_size=4, log=lambda *_: None)
     assert set(acc) == {"patch", "object_patch", "shape_of_object_patch"}
     path = tmp_path / "vit.pt"
-    save_vit(path, vit, acc)
-    assert all(torch.equal(a, b) for a, b in zip(load_vit_init(str(path), vcfg).values(), vit.state_dict().values()))
+    save_vit_weights(path, vit, {"held_out": acc})
+    assert all(torch.equal(a, b) for a, b in zip(load_vit_weights(str(path), vcfg).values(), vit.state_dict().values()))
     # with lr 0 the run's ViT (and the target encoder's EMA copy) is exactly the loaded one
     train.main([*TINY, "--out-dir", str(tmp_path / "run"), "--max-steps", "1", "--lr", "0", "--vit-init", str(path)])
     ck = load_checkpoint(tmp_path / "run" / "ckpt.pt")

@@ -1,11 +1,12 @@
-"""nanorf.probe: code usage, the mean-patch mosaic of a code plan, and the no-rep pixel mode."""
+"""experiments.probe: code usage, the mean-patch mosaic of a code plan, and the no-rep pixel mode."""
 
 import math
 
 import pytest
 import torch
 
-from nanorf.probe import mosaic, probe, usage
+from experiments.probe import mosaic, probe, usage
+from nanorf.config import SamplingSettings
 from nanorf.sampler import sample_pixels
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -35,8 +36,8 @@ def test_norep_pixels_ignore_the_rep_tokens(tiny_model):
     m = tiny_model()
     g = torch.Generator().manual_seed(0)
     c1, c2 = (torch.randint(0, 16, (1, m.n_rep), generator=g) for _ in range(2))
-    run = lambda codes, mode: sample_pixels(m, [[65, 66]], codes, 3, 3.0, generator=torch.Generator().manual_seed(1),
-                                            cfg_mode=mode)
+    run = lambda codes, mode: sample_pixels(m, [[65, 66]], codes, SamplingSettings(steps=3, cfg_pix=3.0, cfg_mode=mode),
+                                            generator=torch.Generator().manual_seed(1))
     assert torch.allclose(run(c1, "norep"), run(c2, "norep"), atol=1e-6)
     assert not torch.allclose(run(c1, "joint"), run(c2, "joint"), atol=1e-4)
 

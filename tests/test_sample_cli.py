@@ -1,11 +1,10 @@
-"""sample.py command line (DESIGN.md §4): text -> image, image -> text, and its error contract.
+"""sample.py command line (the README's contracts): text -> image, image -> text, and its error contract.
 
 One tiny checkpoint is trained once for the module; most calls run sample.main() in-process,
 and one success and one failure run as real subprocesses."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,25 +18,16 @@ import sample
 import train
 from nanorf.data import ShapesWorld
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config", "toy",
-        "--set", "model.mot.dim=32", "--set", "model.mot.depth=2", "--set", "model.mot.heads=2",
-        "--set", "model.vit.dim=32", "--set", "model.vit.depth=1", "--set", "model.vit.heads=2",
-        "--set", "model.vq.codebook_size=16", "--set", "model.flow.steps=2",
-        "--set", "train.batch_size=8", "--set", "train.und_batch_size=4", "--eval-prompts", "0"]
+from conftest import ROOT, TINY_ARGS, subprocess_env
+
+TINY = TINY_ARGS
 PROMPT = "a red circle at the top left"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, one_thread):
+def ckpt(tmp_path_factory, single_thread_module):
     out = tmp_path_factory.mktemp("sample_cli") / "run"
     train.main([*TINY, "--max-steps", "2", "--out-dir", str(out)])
     return out / "ckpt.pt"
@@ -52,7 +42,7 @@ def shape_png(tmp_path_factory):
 
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=120)
+                          env=subprocess_env(), timeout=120)
 
 
 def png(path) -> np.ndarray:

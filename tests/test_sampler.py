@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import nanorf.sampler as sampler
-from nanorf.model import unpatchify
-from nanorf.sampler import answer, sample_logits, sample_pixels, sample_rep_tokens, text_to_image
+import nanorf.model
+from nanorf.config import SamplingSettings as S
+from nanorf.model import DiscreteRep, GenOutput, sample_logits, unpatchify
+from nanorf.sampler import answer, sample_pixels, sample_rep_tokens, text_to_image
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -60,10 +61,10 @@ def test_same_generator_seed_same_samples():
 def _manual_greedy_reps(model, prompt, w):
     codes = torch.zeros(1, 0, dtype=torch.long)
     for _ in range(model.n_rep):
-        lc, _ = model.gen_forward([prompt], codes, None, None)
+        lc = model.gen_forward([prompt], codes, None, None).rep
         l = lc[:, -1]
         if w != 1.0:
-            lu, _ = model.gen_forward([[]], codes, None, None)
+            lu = model.gen_forward([[]], codes, None, None).rep
             l = lu[:, -1] + w * (l - lu[:, -1])
         codes = torch.cat([codes, l.argmax(-1, keepdim=True)], 1)
     return codes
@@ -72,12 +73,12 @@ def _manual_greedy_reps(model, prompt, w):
 def test_rep_tokens_greedy_equal_manual_loop(tiny_model):
     m = tiny_model()
     prompts = [[65, 66, 67], [68]]
-    got = sample_rep_tokens(m, prompts, cfg_rep=1.0, top_k=0, temperature=0.0)
+    got = sample_rep_tokens(m, prompts, S(cfg_rep=1.0, top_k=0, temperature=0.0))
     assert got.shape == (2, 4)
     for b, p in enumerate(prompts):
         assert got[b].tolist() == _manual_greedy_reps(m, p, 1.0)[0].tolist()
     # guided: the batched cond/uncond pass equals separate passes
-    got = sample_rep_tokens(m, prompts, cfg_rep=2.0, top_k=0, temperature=0.0)
+    got = sample_rep_tokens(m, prompts, S(cfg_rep=2.0, top_k=0, temperature=0.0))
     for b, p in enumerate(prompts):
         assert got[b].tolist() == _manual_greedy_reps(m, p, 2.0)[0].tolist()
 
@@ -90,6 +91,7 @@ class FakeRepModel:
     def __init__(self):
         self.p = nn.Parameter(torch.zeros(1))
         self.calls = []
+        self.rep = DiscreteRep(4, self.K)  # only its draw() and buffer() are used
 
     def parameters(self):
         yield self.p
@@ -104,21 +106,21 @@ class FakeRepModel:
         self.calls.append(([list(p) for p in batch], codes.clone()))
         n = codes.shape[1]
         rows = [torch.stack([self.logits(p, i) for i in range(n + 1)]) for p in batch]
-        return torch.stack(rows), None                                           # (B, n+1, K)
+        return GenOutput(rep=torch.stack(rows), x_pred=None)                    # (B, n+1, K)
 
 
 def test_rep_cfg_formula(monkeypatch):
     fake = FakeRepModel()
     seen = []
-    real = sampler.sample_logits
+    real = nanorf.model.sample_logits
 
     def spy(logits, top_k, temperature, generator):
         seen.append(logits.clone())
         return real(logits, top_k, temperature, generator)
 
-    monkeypatch.setattr(sampler, "sample_logits", spy)
+    monkeypatch.setattr(nanorf.model, "sample_logits", spy)
     prompts, w = [[1, 2], [7]], 2.5
-    codes = sample_rep_tokens(fake, prompts, cfg_rep=w, top_k=0, temperature=0.0)
+    codes = sample_rep_tokens(fake, prompts, S(cfg_rep=w, top_k=0, temperature=0.0))
     assert codes.shape == (2, 3) and len(seen) == 3
     for step, got in enumerate(seen):
         lu = FakeRepModel.logits([], step)
@@ -146,8 +148,8 @@ def test_rep_cfg_changes_the_choice():
 
     lc, lu = torch.tensor([1.0, 0.95, 0.0]), torch.tensor([1.0, 0.0, 0.0])
     assert lc.argmax() == 0 and lu.argmax() == 0 and (lu + 2 * (lc - lu)).argmax() == 1
-    assert sample_rep_tokens(Fixed(), [[3]], 1.0, 0, 0.0).tolist() == [[0]]
-    assert sample_rep_tokens(Fixed(), [[3]], 2.0, 0, 0.0).tolist() == [[1]]
+    assert sample_rep_tokens(Fixed(), [[3]], S(cfg_rep=1.0, top_k=0, temperature=0.0)).tolist() == [[0]]
+    assert sample_rep_tokens(Fixed(), [[3]], S(cfg_rep=2.0, top_k=0, temperature=0.0)).tolist() == [[1]]
 
 
 # ---- pixels --------------------------------------------------------------------------------
@@ -159,7 +161,7 @@ def _z0(seed, B=1):
 def test_sample_pixels_shape_and_range(tiny_model):
     m = tiny_model()
     codes = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(0))
-    img = sample_pixels(m, [[65], [66, 67]], codes, steps=3, cfg_pix=2.0,
+    img = sample_pixels(m, [[65], [66, 67]], codes, S(steps=3, cfg_pix=2.0),
                         generator=torch.Generator().manual_seed(0))
     assert img.shape == (2, 3, 16, 16)
     assert img.min() >= -1 and img.max() <= 1
@@ -169,10 +171,9 @@ def test_sample_pixels_shape_and_range(tiny_model):
 def test_sample_pixels_one_euler_step_by_hand(tiny_model):
     m = tiny_model()
     codes = torch.tensor([[1, 5, 9, 3]])
-    got = sample_pixels(m, [[65, 66]], codes, steps=1, cfg_pix=1.0, shift=1.0,
-                        generator=torch.Generator().manual_seed(5))
+    got = sample_pixels(m, [[65, 66]], codes, S(steps=1, cfg_pix=1.0, shift=1.0), generator=torch.Generator().manual_seed(5))
     z0 = _z0(5)
-    _, x = m.gen_forward([[65, 66]], codes, z0, torch.tensor([0.0]))
+    x = m.gen_forward([[65, 66]], codes, z0, torch.tensor([0.0])).x_pred
     z1 = z0 + 1.0 * (x - z0) / 1.0            # t: 0 -> 1, v = (x - z) / (1 - 0)
     assert torch.allclose(got, unpatchify(z1, 4, 4, 4).clamp(-1, 1), atol=1e-5)
 
@@ -180,12 +181,11 @@ def test_sample_pixels_one_euler_step_by_hand(tiny_model):
 def test_sample_pixels_two_steps_by_hand(tiny_model):
     m = tiny_model()
     codes = torch.tensor([[1, 5, 9, 3]])
-    got = sample_pixels(m, [[65]], codes, steps=2, cfg_pix=1.0, shift=1.0,
-                        generator=torch.Generator().manual_seed(6))
+    got = sample_pixels(m, [[65]], codes, S(steps=2, cfg_pix=1.0, shift=1.0), generator=torch.Generator().manual_seed(6))
     z0 = _z0(6)
-    _, x0 = m.gen_forward([[65]], codes, z0, torch.tensor([0.0]))
+    x0 = m.gen_forward([[65]], codes, z0, torch.tensor([0.0])).x_pred
     z1 = z0 + 0.5 * (x0 - z0)                 # grid [0, 0.5, 1]
-    _, x1 = m.gen_forward([[65]], codes, z1, torch.tensor([0.5]))
+    x1 = m.gen_forward([[65]], codes, z1, torch.tensor([0.5])).x_pred
     z2 = z1 + 0.5 * (x1 - z1) / 0.5
     assert torch.allclose(got, unpatchify(z2, 4, 4, 4).clamp(-1, 1), atol=1e-5)
 
@@ -193,19 +193,17 @@ def test_sample_pixels_two_steps_by_hand(tiny_model):
 def test_sample_pixels_cfg_by_hand(tiny_model):
     m = tiny_model()
     codes = torch.tensor([[1, 5, 9, 3]])
-    got = sample_pixels(m, [[65, 66]], codes, steps=1, cfg_pix=3.0, shift=1.0,
-                        generator=torch.Generator().manual_seed(5))
+    got = sample_pixels(m, [[65, 66]], codes, S(steps=1, cfg_pix=3.0, shift=1.0), generator=torch.Generator().manual_seed(5))
     z0 = _z0(5)
     t = torch.tensor([0.0])
-    _, xc = m.gen_forward([[65, 66]], codes, z0, t)
-    _, xu = m.gen_forward([[]], codes, z0, t, drop_rep=torch.tensor([True]))   # prompt and reps dropped
+    xc = m.gen_forward([[65, 66]], codes, z0, t).x_pred
+    xu = m.gen_forward([[]], codes, z0, t, drop_rep=torch.tensor([True])).x_pred   # prompt and reps dropped
     vc, vu = xc - z0, xu - z0
     want = unpatchify(z0 + vu + 3.0 * (vc - vu), 4, 4, 4).clamp(-1, 1)
     assert torch.allclose(got, want, atol=1e-4)
     # outside cfg_interval no guidance: equals the conditional sample
-    plain = sample_pixels(m, [[65, 66]], codes, steps=1, cfg_pix=1.0, shift=1.0,
-                          generator=torch.Generator().manual_seed(5))
-    off = sample_pixels(m, [[65, 66]], codes, steps=1, cfg_pix=3.0, shift=1.0, cfg_interval=(0.5, 1.0),
+    plain = sample_pixels(m, [[65, 66]], codes, S(steps=1, cfg_pix=1.0, shift=1.0), generator=torch.Generator().manual_seed(5))
+    off = sample_pixels(m, [[65, 66]], codes, S(steps=1, cfg_pix=3.0, shift=1.0, cfg_interval=(0.5, 1.0)),
                         generator=torch.Generator().manual_seed(5))
     assert torch.allclose(off, plain, atol=1e-5)
     assert (got - plain).abs().max() > 1e-3
@@ -223,13 +221,13 @@ class OracleModel:
         yield self.p
 
     def gen_forward(self, batch, codes, z, t, drop_rep=None):
-        return None, self.x_star.expand(len(batch), -1, -1)
+        return GenOutput(rep=None, x_pred=self.x_star.expand(len(batch), -1, -1))
 
 
 def test_sample_pixels_with_oracle_lands_on_target(tiny_config):
     cfg = tiny_config().model
     x_star = torch.rand(1, 16, 48, generator=torch.Generator().manual_seed(0)) - 0.5
-    img = sample_pixels(OracleModel(cfg, x_star), [[65]], None, steps=25, cfg_pix=1.0,
+    img = sample_pixels(OracleModel(cfg, x_star), [[65]], None, S(steps=25, cfg_pix=1.0),
                         generator=torch.Generator().manual_seed(1))
     assert torch.allclose(img, unpatchify(x_star, 4, 4, 4), atol=1e-4)
 
@@ -239,7 +237,7 @@ def test_sample_pixels_with_oracle_lands_on_target_with_coarse_grid(tiny_config)
     cfg = tiny_config().model
     x_star = torch.rand(1, 16, 48, generator=torch.Generator().manual_seed(0)) - 0.5
     for solver in ("euler", "heun"):
-        img = sample_pixels(OracleModel(cfg, x_star), [[65]], None, steps=10, cfg_pix=1.0, solver=solver,
+        img = sample_pixels(OracleModel(cfg, x_star), [[65]], None, S(steps=10, cfg_pix=1.0, solver=solver),
                             generator=torch.Generator().manual_seed(1))
         assert torch.allclose(img, unpatchify(x_star, 4, 4, 4), atol=1e-5)
 

@@ -1,4 +1,4 @@
-"""End-to-end tests of train.py (DESIGN.md §4): files, logs, checkpoints, resume, errors, Ctrl-C.
+"""End-to-end tests of train.py (the README's command-line contracts): files, logs, checkpoints, resume, errors, Ctrl-C.
 
 Every run uses a tiny model (a few seconds on 2 CPU cores). Most runs call train.main()
 in-process; the command-line behaviour (exit code, the one stderr line, SIGINT) is
@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,59 +23,18 @@ import train
 from nanorf.checkpoint import load_checkpoint, load_model
 from nanorf.model import RFModel
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config", "toy",
-        "--set", "model.mot.dim=32", "--set", "model.mot.depth=2", "--set", "model.mot.heads=2",
-        "--set", "model.vit.dim=32", "--set", "model.vit.depth=1", "--set", "model.vit.heads=2",
-        "--set", "model.vq.codebook_size=16", "--set", "model.flow.steps=2",
-        "--set", "train.batch_size=8", "--set", "train.und_batch_size=4",
-        "--set", "train.log_every=1", "--set", "train.ckpt_every=100", "--eval-prompts", "0"]
+from conftest import ROOT, TINY_ARGS, expect_cli_error, read_log, state_equal, subprocess_env
+
+TINY = [*TINY_ARGS, "--set", "train.log_every=1", "--set", "train.ckpt_every=100"]
 K = 16
 VOCAB = 264  # 256 bytes + 7 specials, rounded up to a multiple of 8
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two threads on a shared 2-core machine are ~5x slower than one for these tiny matmuls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def env():
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 def run_train(out_dir, *args):
     """train.main in-process; returns nothing, raises SystemExit on a CLI error."""
     train.main([*TINY, "--out-dir", str(out_dir), *args])
-
-
-def read_log(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
-
-
-def expect_cli_error(capsys, fn, prefix: str) -> str:
-    """fn() must exit non-zero with exactly one stderr line starting with `prefix`."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        fn()
-    assert e.value.code not in (0, None)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(prefix), err
-    return lines[0]
-
-
-def state_equal(a: dict, b: dict, atol=0.0):
-    assert a.keys() == b.keys()
-    for k in a:
-        if torch.is_tensor(a[k]):
-            if a[k].dtype.is_floating_point:
-                torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=f"{k} differs")
-            else:
-                assert torch.equal(a[k], b[k]), k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +43,7 @@ def test_train_cli_then_sample_end_to_end(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--eval-prompts", "4",
            "--max-steps", "3", "--out-dir", str(out)]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=180)
+    r = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert "step 3:" in r.stdout and "codebook" in r.stdout
@@ -141,10 +98,10 @@ def test_no_rf_baseline(tmp_path, capsys):
     assert "codebook" not in capsys.readouterr().out
     ck = load_checkpoint(out / "ckpt.pt")
     assert ck["targets"] is None and ck["config"]["model"]["rf"] is False
-    assert not any(k.startswith("rep_") for k in ck["model"])
+    assert not any(k.startswith(("rep_", "rep.")) for k in ck["model"])
     model, cfg, step = load_model(out / "ckpt.pt")
     assert step == 2 and not cfg.model.rf and model.n_rep == 0
-    assert not hasattr(model, "rep_head") and not hasattr(model, "rep_emb")
+    assert model.rep is None and not hasattr(model, "rep_pos")
     # sampling works without representation tokens; --rep-map has nothing to write
     png = tmp_path / "x.png"
     sample.main(["--ckpt", str(out / "ckpt.pt"), "--prompt", "a blue square at the center", "--out", str(png),
@@ -179,7 +136,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, variant):
 def test_resume_without_checkpoint_fails_cleanly(tmp_path):
     out = tmp_path / "nothing"
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--out-dir", str(out), "--resume"]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train.py: error:") and "ckpt.pt" in lines[0], r.stderr
@@ -255,7 +212,7 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--set", "train.ckpt_every=0",
            "--max-steps", "100000", "--out-dir", str(out)]
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         log = out / "log.jsonl"

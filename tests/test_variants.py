@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanorf.flow import add_noise
-from nanorf.model import RepresentationTargets, patchify
+from nanorf.model import GenBatch, RepresentationTargets, patchify
 from nanorf.sampler import text_to_image
 from nanorf.variants import DIFF_MUL, DiffusionHead, repa_loss
 
@@ -68,12 +68,14 @@ def test_continuous_rep_tokens_are_causal(tiny_model):
     feats = torch.randn(1, m.n_rep, m.cfg.vit.dim, generator=g)
     z = torch.randn(1, m.n_pix, 48, generator=g)
     t = torch.tensor([0.4])
-    out, x = m.gen_forward([[65, 66]], feats, z, t)
+    o = m.gen_forward([[65, 66]], feats, z, t)
+    out, x = o.rep, o.x_pred
     assert out.shape == (1, m.n_rep + 1, m.cfg.mot.dim)
     for j in range(m.n_rep):
         f2 = feats.clone()
         f2[:, j] += 1.0
-        out2, x2 = m.gen_forward([[65, 66]], f2, z, t)
+        o2 = m.gen_forward([[65, 66]], f2, z, t)
+        out2, x2 = o2.rep, o2.x_pred
         assert torch.allclose(out[:, :j + 1], out2[:, :j + 1], atol=1e-6)       # [BOR], r_1..r_j
         assert not torch.allclose(out[:, j + 1:], out2[:, j + 1:], atol=1e-4)   # r_{j+1}.. see it
         assert not torch.allclose(x, x2, atol=1e-4)                             # and so do the pixels
@@ -82,7 +84,7 @@ def test_continuous_rep_tokens_are_causal(tiny_model):
 @pytest.mark.parametrize("guidance", [dict(), dict(cfg_rep=1.0), dict(cfg_pix=1.0, cfg_rep=1.0)])
 def test_continuous_cached_sampling_equals_reference(tiny_model, guidance):
     m = tiny_model(CONT)
-    torch.nn.init.normal_(m.rep_head.out.weight, std=0.3)  # zero-init would make every feature random noise
+    torch.nn.init.normal_(m.rep.head.out.weight, std=0.3)  # zero-init would make every feature random noise
     prompts = ["a red circle at the top left", "a green triangle"]
     kw = dict(steps=3, **guidance)
     a, ca = text_to_image(m, prompts, torch.Generator().manual_seed(3), kv_cache=True, **kw)
@@ -104,12 +106,12 @@ def test_repa_gen_loss_is_the_weighted_alignment_of_the_tapped_block(tiny_model)
     align = torch.nn.functional.normalize(torch.randn(B, m.n_pix, cfg.vit.dim, generator=g), dim=-1)
     t, eps = torch.tensor([0.3, 0.7]), torch.randn(B, m.n_pix, 48, generator=g)
     no = torch.zeros(B, dtype=torch.bool)
-    l_rep, l_fm = m.gen_loss([[65], [66, 67]], images, None, t, eps, no, no, align=align)
+    l_rep, l_fm = m.gen_loss(GenBatch([[65], [66, 67]], images, None, t, eps, no, no, align=align))
     # by hand: run the first block only, take the pixel columns, project
     x = patchify(images, 4)
     z = add_noise(x, t, eps)
     lay = m.gen_layout([[65], [66, 67]], 0, m.n_pix)
-    _, _, tapped = m.gen_forward([[65], [66, 67]], None, z, t, tap=1)
+    tapped = m.gen_forward([[65], [66, 67]], None, z, t, tap=1).tapped
     want = 0.5 * repa_loss(m.repa_proj(tapped), align)
     assert l_rep.item() == pytest.approx(want.item(), rel=1e-5) and l_rep.item() > 0.1
     # tap 1 is the residual stream after exactly one block

@@ -1,0 +1,42 @@
+"""experiments.bench: the analytic FLOP counts behind its MFU figures, and one timed train step
+that runs (the numbers themselves are printed by the benchmark, never asserted)."""
+
+import pytest
+
+from experiments.bench import bench_train, train_step_flops, trunk_flops, vit_flops
+from nanorf.config import apply_overrides, get_config
+
+from conftest import TINY_ARGS
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_trunk_flops_hand_count():
+    # 10 tokens in sequences of 5, dim 4, depth 2, hidden 8:
+    # per token per layer 2*(4*16 + 3*4*8) = 320 projection FLOPs + 4*5*4 = 80 attention FLOPs
+    assert trunk_flops(10, 5, 4, 2, 8) == 10 * 2 * (320 + 80)
+
+
+def test_vit_flops_hand_count():
+    cfg = get_config("toy").model
+    v = cfg.vit  # 32 px, patch 4: 64 patches + CLS + 4 registers = 69 tokens, dim 96, depth 3, MLP 384
+    n = 69
+    per_token_layer = 2 * (4 * 96 * 96 + 2 * 96 * 384) + 4 * n * 96
+    patch_embed = 2 * 32 * 32 * 3 * 96
+    assert vit_flops(2, cfg) == 2 * (n * v.depth * per_token_layer + patch_embed)
+
+
+def test_train_step_flops_scales_with_the_batch():
+    """Twice the batch is twice the FLOPs; dropping the rep tokens removes the rep head and targets."""
+    cfg = get_config("toy")
+    one = train_step_flops(cfg, 30, 90)
+    apply_overrides(cfg, ["train.batch_size=128", "train.und_batch_size=32"])
+    assert train_step_flops(cfg, 30, 90) == pytest.approx(2 * one)
+    apply_overrides(cfg, ["model.rf=false"])
+    assert train_step_flops(cfg, 30, 90) < 2 * one
+
+
+def test_bench_train_runs_a_step_of_a_tiny_preset():
+    overrides = [a for a in TINY_ARGS[2:] if a != "--set" and "=" in a]
+    r = bench_train("toy", overrides, repeat=1)
+    assert r["sec"] > 0 and r["tokens_s"] > 0 and r["gflops"] > 0 and 0 < r["params_m"] < 1
