@@ -73,7 +73,8 @@ def load_checkpoint(path, expect: Config | None = None) -> dict:
     if not isinstance(ck, dict) or ck.get("format") != FORMAT or "config" not in ck:
         raise CheckpointError(f"{path} is not a nanorf checkpoint (format {FORMAT})")
     if expect is not None:
-        diffs = _diff(expect.to_dict()["model"], ck["config"]["model"], "model.")
+        # through from_dict, so fields added to the config since the checkpoint count as their defaults
+        diffs = _diff(expect.to_dict()["model"], Config.from_dict(ck["config"]).to_dict()["model"], "model.")
         if diffs:
             raise CheckpointError(f"checkpoint {path} was trained with another model config: " + "; ".join(diffs[:3]))
     return ck

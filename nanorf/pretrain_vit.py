@@ -110,6 +110,8 @@ def load_vit_init(path: str, vcfg: ViTConfig) -> dict:
         saved = ck["vit_config"]
     except Exception as e:
         raise ValueError(f"--vit-init: {path} is not a file written by nanorf.pretrain_vit ({type(e).__name__})") from None
+    # fields added to ViTConfig since the file was written count as their defaults
+    saved = dict(vars(ViTConfig()), **saved)
     if saved != vars(vcfg):
         diff = ", ".join(f"{k} {saved.get(k)} != {v}" for k, v in vars(vcfg).items() if saved.get(k) != v)
         raise ValueError(f"--vit-init: {path} holds a ViT of another shape ({diff})")
