@@ -84,7 +84,8 @@ def load_checkpoint(path, expect: Config | None = None) -> dict:
     if not isinstance(ck, dict) or ck.get("format") != FORMAT or "config" not in ck:
         raise CheckpointError(f"{path} is not a nanorf checkpoint (format {FORMAT})")
     if expect is not None:
-        diffs = _diff(expect.to_dict()["model"], ck["config"]["model"], "model.")
+        # through from_dict, so fields added to the config since the checkpoint count as their defaults
+        diffs = _diff(expect.to_dict()["model"], Config.from_dict(ck["config"]).to_dict()["model"], "model.")
         if diffs:
             raise CheckpointError(f"checkpoint {path} was trained with another model config: " + "; ".join(diffs[:3]))
     return ck
@@ -123,6 +124,7 @@ def load_vit_weights(path, vcfg) -> dict:
         raise CheckpointError(f"--vit-init: {path} is not a file of encoder weights written by nanorf "
                               f"({type(e).__name__})") from None
     want = asdict(vcfg)
+    saved = {**asdict(type(vcfg)()), **saved}  # fields added to ViTConfig since the file was written: defaults
     if saved != want:
         diff = ", ".join(f"{k} {saved.get(k)} != {v}" for k, v in want.items() if saved.get(k) != v)
         raise CheckpointError(f"--vit-init: {path} holds a ViT of another shape ({diff})")

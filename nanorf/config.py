@@ -25,15 +25,32 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 @dataclass
 class ViTConfig:
-    """DINOv3-style ViT encoder (docs/method.md, "Encoder and connector"; DINOv3's vision_transformer.py naming)."""
+    """DINOv3-style ViT encoder (docs/method.md, "Encoder and connector"; DINOv3 vision_transformer.py naming).
+
+    The fields after `rope_base` exist so the official DINOv3 checkpoints load (nanorf/pretrained.py
+    infers them from the tensors); their defaults keep the architecture the presets always had
+    (GELU MLP, unmasked qkv bias, LayerNorm eps 1e-5, base-100 RoPE on separately normalised axes).
+    """
     patch_size: int = 16
     dim: int = 384
     depth: int = 12
     heads: int = 6
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0         # DINOv3's ffn_ratio (for SwiGLU: before its 2/3 and rounding)
     n_storage_tokens: int = 4      # DINOv3 "registers"
-    layerscale_init: float = 1e-5  # DINOv3 default; the toy uses a larger value to learn fast from scratch
+    layerscale_init: float = 1e-5  # DINOv3 default; the toy uses a larger value to learn fast from scratch;
+                                   # 0 = no LayerScale at all (DINOv3's layerscale_init=None)
     rope_base: float = 100.0       # DINOv3's RoPE base period
+    ffn_layer: str = "mlp"         # DINOv3's names: "mlp" (GELU), "swiglu" or "swiglu32/64/128" (hidden aligned
+                                   # to 8 or 32/64/128)
+    ffn_hidden: int = 0            # > 0: the FFN hidden width as is (a loaded checkpoint's); 0 = from mlp_ratio,
+                                   # rounded as DINOv3 rounds it
+    qkv_bias: bool = True          # False in DINOv3 ViT-7B
+    mask_k_bias: bool = False      # the key third of the qkv bias is masked to zero (every released DINOv3 ViT)
+    norm_eps: float = 1e-5         # released DINOv3 ViTs use "layernormbf16" (1e-5); DINOv3's "layernorm" is 1e-6
+    rope_min_period: float = 0.0   # both > 0: DINOv3's min/max-period RoPE instead of rope_base
+    rope_max_period: float = 0.0
+    rope_normalize_coords: str = "separate"  # DINOv3's normalize_coords: "separate", "min" or "max"
+    untie_cls_and_patch_norms: bool = False  # a separate final norm (cls_norm) for CLS and storage tokens
 
 
 @dataclass

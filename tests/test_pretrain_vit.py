@@ -49,3 +49,21 @@ def test_vit_init_loads_the_pretrained_weights(tmp_path, tiny_config, capsys):
     expect_cli_error(capsys, lambda: train.main([*TINY, "--out-dir", str(tmp_path / "x"), "--vit-init", str(path),
                                                  "--set", "model.vit.depth=2"]), "train.py: error: --vit-init:")
     assert not (tmp_path / "x").exists()
+
+
+def test_files_from_before_the_dinov3_vit_fields_still_load(tmp_path, tiny_config):
+    # ViTConfig gained fields for the official DINOv3 checkpoints (ffn_layer, mask_k_bias, ...);
+    # ViT files and run checkpoints written before them hold configs without those keys
+    from nanorf.checkpoint import FORMAT
+    from nanorf.vit import ViT
+    cfg = tiny_config()
+    new_fields = ("ffn_layer", "ffn_hidden", "qkv_bias", "mask_k_bias", "norm_eps", "rope_min_period",
+                  "rope_max_period", "rope_normalize_coords", "untie_cls_and_patch_norms")
+    old_vit = {k: v for k, v in vars(cfg.model.vit).items() if k not in new_fields}
+    vit = ViT(cfg.model.vit)
+    torch.save({"vit_config": old_vit, "vit": vit.state_dict(), "held_out": {}}, tmp_path / "vit.pt")
+    assert load_vit_weights(str(tmp_path / "vit.pt"), cfg.model.vit).keys() == vit.state_dict().keys()
+    old_cfg = cfg.to_dict()
+    old_cfg["model"]["vit"] = old_vit
+    torch.save({"format": FORMAT, "config": old_cfg, "step": 0}, tmp_path / "ckpt.pt")
+    load_checkpoint(tmp_path / "ckpt.pt", expect=cfg)  # a resume: no "trained with another model config"

@@ -208,3 +208,40 @@ def test_attention_matches_naive_reference():
             heads_out.append(scores.softmax(-1) @ v)  # (N, 8)
         ref = attn.proj(torch.cat(heads_out, dim=-1))
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_dinov3_release_options_names_and_masked_key_bias():
+    # the options the released DINOv3 checkpoints need: SwiGLU (mlp.w1/w2/w3), the masked key bias
+    # (a bias_mask buffer, as DINOv3's LinearKMaskedBias); and ones only the loader may meet:
+    # no LayerScale, an untied CLS norm, no qkv bias
+    cfg = tiny_cfg(ffn_layer="swiglu", mlp_ratio=3.3, mask_k_bias=True, layerscale_init=0.0,
+                   untie_cls_and_patch_norms=True)
+    vit = ViT(cfg)
+    sd = vit.state_dict()
+    assert sd["blocks.0.mlp.w1.weight"].shape == (72, 32)  # int(int(32 * 3.3) * 2/3) = 70 -> multiple of 8
+    assert sd["blocks.0.mlp.w2.bias"].shape == (72,) and sd["blocks.0.mlp.w3.weight"].shape == (32, 72)
+    assert not any(k.endswith("gamma") or ".fc1." in k for k in sd)
+    assert {"cls_norm.weight", "cls_norm.bias"} <= set(sd)
+    assert torch.equal(sd["blocks.1.attn.qkv.bias_mask"], torch.tensor([1.0] * 32 + [0.0] * 32 + [1.0] * 32))
+    # the key bias is masked in forward and gets no gradient
+    with torch.no_grad():
+        vit.blocks[0].attn.qkv.bias.normal_()
+    out = vit(torch.rand(1, 3, 8, 12) * 2 - 1)
+    (out["x_norm_patchtokens"] * torch.randn_like(out["x_norm_patchtokens"])).sum().backward()
+    g = vit.blocks[0].attn.qkv.bias.grad
+    assert torch.all(g[32:64] == 0) and g[:32].abs().sum() > 0
+    assert "blocks.0.attn.qkv.bias" not in ViT(tiny_cfg(qkv_bias=False)).state_dict()
+
+
+def test_rope_min_max_periods_and_max_coords():
+    # DINOv3's second parametrisation: periods geometric from min_period to max_period
+    rope = RopePositionEmbedding(dim=32, heads=2, base=100.0, min_period=0.5, max_period=20.0, normalize_coords="max")
+    assert torch.allclose(rope.periods, torch.tensor([0.5, 0.5 * 40 ** (1 / 3), 0.5 * 40 ** (2 / 3), 20.0]))
+    # "max": both axes divided by max(h, w) = 3; y centres (0.5, 1.5)/3*2-1 = -2/3, 0
+    ang = rope.angles(2, 3)  # (6, 16)
+    y = torch.tensor([-2 / 3, -2 / 3, -2 / 3, 0.0, 0.0, 0.0])
+    x = torch.tensor([-2 / 3, 0.0, 2 / 3] * 2)
+    assert torch.allclose(ang[:, 0], 2 * PI * y / 0.5, atol=1e-5)
+    assert torch.allclose(ang[:, 4], 2 * PI * x / 0.5, atol=1e-5)
+    with pytest.raises(ValueError, match="normalize_coords"):
+        RopePositionEmbedding(dim=32, heads=2, base=100.0, normalize_coords="diag")
