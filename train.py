@@ -350,13 +350,13 @@ def final_report(cfg: Config, out_dir: Path, ema_model: RFModel, log=print) -> d
     if n <= 0 or cfg.train.data:
         return {}
     t0 = time.time()
-    s = generation_score(ema_model, n=n, seed=cfg.train.seed)
+    s = generation_score(ema_model, n_per_kind=-(-n // 5), seed=cfg.train.seed)  # n rounded up to whole rounds of 5 kinds
     k = min(16, n)
     save_grid(s["images"][:k], out_dir / "samples.png", scale=max(1, 128 // cfg.model.image_size))
     (out_dir / "samples.txt").write_text("".join(p + "\n" for p in s["prompts"][:k]))
     score = {key: round(v, 4) for key, v in s.items() if key not in ("images", "prompts")}
     (out_dir / "score.json").write_text(json.dumps(score, indent=1) + "\n")
-    log(f"shapes-world score on {n} held-out prompts (EMA model, {time.time() - t0:.0f}s): "
+    log(f"shapes-world score on {s['n']} held-out prompts (EMA model, {time.time() - t0:.0f}s): "
         + ", ".join(f"{key} {v:.3f}" for key, v in score.items() if key != "n"))
     log(f"wrote {out_dir / 'samples.png'} (prompts in samples.txt), {out_dir / 'ckpt.pt'}, {out_dir / 'log.jsonl'}")
     return score

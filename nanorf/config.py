@@ -129,6 +129,10 @@ class TrainConfig:
     data: str = ""                 # "" = the shapes world; else an image-caption folder
     vit_init: str = ""             # "" = random ViT; else weights from nanorf.pretrain_vit (the paper: DINOv3)
     num_workers: int = 0
+    # Shapes-world prompt kinds drawn in training, weights in the order single, two, counting,
+    # position, located (nanorf.shapes.KINDS): single is rare (18 captions, and its objects appear
+    # in every other kind); counting and position ask the most planning.
+    kinds: tuple = (0.1, 0.2, 0.25, 0.25, 0.2)
 
 
 @dataclass
