@@ -73,7 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (MoT and ViT); sequence assembly stays eager")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts scored at the end (0 = skip)")
+    p.add_argument("--eval-per-kind", type=int, default=None,
+                   help="held-out prompts per prompt kind scored at the end, and twice as many images "
+                        "for understanding (0 = skip)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set model.mot.dim=256 (repeatable)")
     return p.parse_args(argv)
@@ -84,7 +86,7 @@ def build_config(args) -> Config:
     t, m = cfg.train, cfg.model
     for name, value in (("max_steps", args.max_steps), ("seed", args.seed), ("batch_size", args.batch_size),
                         ("micro_batch_size", args.micro_batch_size), ("lr", args.lr),
-                        ("data", args.data), ("eval_prompts", args.eval_prompts), ("vit_init", args.vit_init)):
+                        ("data", args.data), ("eval_per_kind", args.eval_per_kind), ("vit_init", args.vit_init)):
         if value is not None:
             setattr(t, name, value)
     if args.compile:
@@ -248,22 +250,30 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
 
 
 def final_report(cfg: Config, out_dir: Path, ema_model: RFModel, log=print) -> dict:
-    """Score the EMA model on held-out prompts and write the sample grid (rank 0)."""
-    from nanorf.eval import generation_score
+    """Score the EMA model on held-out prompts and images (nanorf.eval) and write the sample
+    grid (rank 0): samples.png / samples.txt and score.json {"generation", "understanding"}."""
+    from nanorf.eval import generation_score, understanding_score
     from nanorf.sampler import save_grid
-    n = cfg.train.eval_prompts
+    n = cfg.train.eval_per_kind
     if n <= 0 or cfg.train.data:
         return {}
     t0 = time.time()
-    s = generation_score(ema_model, n=n, seed=cfg.train.seed)
-    k = min(16, n)
+    s = generation_score(ema_model, n_per_kind=n, seed=cfg.train.seed)
+    k = min(16, len(s["prompts"]))
     save_grid(s["images"][:k], out_dir / "samples.png", scale=max(1, 128 // cfg.model.image_size))
     (out_dir / "samples.txt").write_text("".join(p + "\n" for p in s["prompts"][:k]))
-    score = {key: round(v, 4) for key, v in s.items() if key not in ("images", "prompts")}
+    gen = {key: round(v, 4) for key, v in s.items() if key not in ("images", "prompts")}
+    und = {key: round(v, 4) for key, v in understanding_score(ema_model, n_images=2 * n).items()}
+    score = {"generation": gen, "understanding": und}
     (out_dir / "score.json").write_text(json.dumps(score, indent=1) + "\n")
-    log(f"shapes-world score on {n} held-out prompts (EMA model, {time.time() - t0:.0f}s): "
-        + ", ".join(f"{key} {v:.3f}" for key, v in score.items() if key != "n"))
-    log(f"wrote {out_dir / 'samples.png'} (prompts in samples.txt), {out_dir / 'ckpt.pt'}, {out_dir / 'log.jsonl'}")
+    log(f"held-out generation, {gen['n']} prompts, strict (GenEval's rules, nothing extra): "
+        + ", ".join(f"{key} {gen[key]:.3f}" for key in ("single", "two", "counting", "position", "located", "overall"))
+        + f"; lenient overall {gen['lenient_overall']:.3f}, extra objects per image {gen['extras']:.2f}")
+    log(f"held-out understanding, {und['n_questions']} questions: "
+        + ", ".join(f"{key} {v:.3f}" for key, v in und.items() if not key.startswith("n_"))
+        + f" (EMA model, {time.time() - t0:.0f}s)")
+    log(f"wrote {out_dir / 'samples.png'} (prompts in samples.txt), {out_dir / 'score.json'}, "
+        f"{out_dir / 'ckpt.pt'}, {out_dir / 'log.jsonl'}")
     return score
 
 

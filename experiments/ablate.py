@@ -74,7 +74,7 @@ def main(argv=None):
             if not done:
                 t0 = time.time()
                 run([sys.executable, "train.py", "--config", args.config, "--out-dir", str(d), "--seed", str(seed),
-                     "--max-steps", str(steps), "--eval-prompts", "0", *VARIANTS[v],
+                     "--max-steps", str(steps), "--eval-per-kind", "0", *VARIANTS[v],
                      *(["--vit-init", args.vit_init] if args.vit_init else [])], out / f"{v}-s{seed}.train.log")
                 wall = time.time() - t0
                 (d / "wall.txt").write_text(f"{wall:.0f}\n")
@@ -128,7 +128,7 @@ def write_grid(args, out: Path):
     rows, prompts = [], None
     for v in args.variants:
         model, cfg, _ = load_model(out / f"{v}-s{args.seeds[0]}" / "ckpt.pt")
-        prompts = prompts or [p for p, _ in held_out_prompts(8, size=cfg.model.image_size)]
+        prompts = prompts or [p.text for p in held_out_prompts(2)][:8]
         x, _ = text_to_image(model, prompts, torch.Generator().manual_seed(0))
         rows += tensor_to_images(x)
     save_grid(rows, out / "grid.png", ncol=len(prompts), scale=4)

@@ -147,12 +147,16 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 1000
     sample_every: int = 0          # 0 = only at the end
-    eval_prompts: int = 64         # held-out prompts scored at the end
+    eval_per_kind: int = 50        # held-out prompts per prompt kind scored at the end (0 = skip)
     seed: int = 0
     compile: bool = False
     data: str = ""                 # "" = the shapes world; else an image-caption folder
-    vit_init: str = ""             # "" = random ViT; else weights from nanorf.pretrain_vit (the paper: DINOv3)
+    vit_init: str = ""             # "" = random ViT; else weights from experiments.pretrain_vit (the paper: DINOv3)
     num_workers: int = 0
+    # Shapes-world prompt kinds drawn in training, weights in the order single, two, counting,
+    # position, located (nanorf.shapes.KINDS): single is rare (18 captions, and its objects appear
+    # in every other kind); counting and position ask the most planning.
+    kinds: tuple = (0.1, 0.2, 0.25, 0.25, 0.2)
 
 
 @dataclass
@@ -200,14 +204,14 @@ def _toy() -> Config:
     return Config(
         name="toy",
         model=ModelConfig(
-            image_size=32, patch_size=8, max_text_len=80,
+            image_size=32, patch_size=8, max_text_len=160,
             vit=ViTConfig(patch_size=4, dim=96, depth=3, heads=3, layerscale_init=0.1),
             vq=VQConfig(codebook_size=64, tau=0.01, momentum=0.99, encoder_ema=0.999),
             mot=MoTConfig(dim=128, depth=4, heads=4),
         ),
         train=TrainConfig(batch_size=64, und_batch_size=16, lr=1e-3, new_param_lr_mult=1.0,
                           warmup_steps=100, max_steps=780, ema_decay=0.995,
-                          log_every=10, ckpt_every=250, eval_prompts=128),
+                          log_every=10, ckpt_every=250),
     )
 
 

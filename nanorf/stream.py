@@ -44,8 +44,8 @@ class Stream:
         if t.data:
             self.gen = self.und = ImageCaptionFolder(t.data, m.image_size)
         else:
-            self.gen = ShapesWorld(m.image_size, seed=t.seed)
-            self.und = ShapesWorld(m.image_size, seed=t.seed + 1_000_003)
+            self.gen = ShapesWorld(m.image_size, seed=t.seed, kinds=t.kinds)
+            self.und = ShapesWorld(m.image_size, seed=t.seed + 1_000_003, kinds=t.kinds)
 
     def _item(self, ds, i: int):
         if isinstance(ds, ShapesWorld):

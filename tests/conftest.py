@@ -22,7 +22,7 @@ TINY_ARGS = ["--config", "toy",
              "--set", "model.mot.dim=32", "--set", "model.mot.depth=2", "--set", "model.mot.heads=2",
              "--set", "model.vit.dim=32", "--set", "model.vit.depth=1", "--set", "model.vit.heads=2",
              "--set", "model.vq.codebook_size=16", "--set", "model.sample.steps=2",
-             "--set", "train.batch_size=8", "--set", "train.und_batch_size=4", "--eval-prompts", "0"]
+             "--set", "train.batch_size=8", "--set", "train.und_batch_size=4", "--eval-per-kind", "0"]
 
 TINY = [
     "model.mot.dim=32", "model.mot.depth=2", "model.mot.heads=2",

@@ -1,5 +1,6 @@
-"""Tests for nanorf/data.py: the shapes world to spec (DESIGN.md §3), the splits, the
-image-caption folder, the pixel scorer, and the dump CLI."""
+"""Tests for the shapes world v2 (nanorf/shapes.py, re-exported by nanorf/data.py): rendering to
+spec, prompts and captions of every kind, questions, the held-out split, the training stream,
+the image-caption folder and the dump CLI. The pixel scorer's tests are in test_eval.py."""
 
 import hashlib
 import itertools
@@ -8,52 +9,72 @@ import os
 import random
 import subprocess
 import sys
-from collections import deque
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from nanorf.data import (COLORS, PALETTE, POSITIONS, SHAPES, DataError, Detection,
-                         ImageCaptionFolder, Obj, Scene, ShapesWorld, _components, caption,
-                         detect, held_out_prompts, is_held_out, main, parse_caption, questions,
-                         render, sample_scene, score_batch, score_image)
+from nanorf.config import TrainConfig
+from nanorf.data import (COLORS, DEFAULT_KINDS, KINDS, MAX_ANSWER_BYTES, PALETTE, POSITIONS, RELATIONS, SHAPES,
+                         DataError, ImageCaptionFolder, Obj, Prompt, Scene, ShapesWorld, canonical, describe,
+                         draw_prompt, draw_scene, held_out_prompts, holds, is_held_out, main, object_map,
+                         palette_index, parse_caption, question_kind, questions, render)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def object_pixels(image, color):
-    return np.all(image == np.array(PALETTE[color], np.uint8), axis=-1)  # (H, W) bool
+CLASSES = [Obj(c, s) for c in COLORS for s in SHAPES]
 
 
 def one(color, shape, position):
     return Scene((Obj(color, shape, position),))
 
 
-# --- the world, to spec ----------------------------------------------------------------------
+def neighbours4(mask):
+    """The mask grown by its 4-neighbours."""
+    p = np.pad(mask, 1)
+    return p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+
+
+def n_components4(mask):
+    """Number of 4-connected components of a bool mask (flood fill)."""
+    seen, n = np.zeros_like(mask), 0
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        n, stack = n + 1, [(y, x)]
+        seen[y, x] = True
+        while stack:
+            cy, cx = stack.pop()
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+    return n
+
+
+# --- rendering, to spec -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", [32, 48, 64])
 def test_render_matches_the_spec(size):
     cell = size / 3
     allowed = {(0, 0, 0), *PALETTE.values()}
     world = ShapesWorld(size, seed=3)
-    seen_shapes, seen_two = set(), False
-    for i in range(80):
-        item = world[i]
-        image, scene = item["image"], item["scene"]
+    seen_shapes, seen_counts = set(), set()
+    for i in range({32: 150, 48: 100, 64: 60}[size]):
+        item = world.item(i, KINDS[i % 5])
+        image, scene, objects = item["image"], item["scene"], item["object_map"]
         assert image.shape == (size, size, 3) and image.dtype == np.uint8
         assert {tuple(c) for c in image.reshape(-1, 3)} <= allowed  # no antialiasing
-        if len(scene.objects) == 2:
-            seen_two = True
-            a, b = scene.objects
-            assert a.position != b.position and a.color != b.color
-        covered = np.zeros((size, size), bool)
-        for obj in scene.objects:
-            mask = object_pixels(image, obj.color)
-            covered |= mask
+        assert not image[objects == 0].any(), "background must be black"
+        seen_counts.add(len(scene.objects))
+        for k, obj in enumerate(scene.objects):
+            mask = objects == k + 1
+            assert (image[mask] == PALETTE[obj.color]).all()
+            assert n_components4(mask) == 1, item["caption"]
+            # objects never touch: nothing of another object in this one's 4-neighbourhood
+            assert not (neighbours4(mask) & (objects > 0) & ~mask).any(), item["caption"]
             ys, xs = np.nonzero(mask)
-            assert len(ys) > 0, item["caption"]
             y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
             h, w = y1 - y0 + 1, x1 - x0 + 1
             for side in (h, w):
@@ -71,8 +92,20 @@ def test_render_matches_the_spec(size):
             else:  # upright: narrow apex, full-width base
                 assert box[0].sum() <= 2 and box[-1].all()
             seen_shapes.add(obj.shape)
-        assert not image[~covered].any(), "background must be black"
-    assert seen_shapes == set(SHAPES) and seen_two
+    assert seen_shapes == set(SHAPES) and seen_counts == {1, 2, 3, 4}
+
+
+def test_crowded_scenes_keep_apart():
+    # Four objects in a row of cells and a column, the closest layouts there are, at 32 px.
+    for i in range(200):
+        cells = ("top left", "top", "left", "center") if i % 2 else ("top", "center", "bottom", "right")
+        scene = Scene(tuple(Obj(COLORS[0], SHAPES[(i + k) % 3], c) for k, c in enumerate(cells)))
+        objects = object_map(scene, 32, random.Random(i))
+        for k in range(4):
+            mask = objects == k + 1
+            assert mask.any() and not (neighbours4(mask) & (objects > 0) & ~mask).any()
+        # all four share one colour, so touching would merge them into fewer components
+        assert n_components4(objects > 0) == 4
 
 
 def test_box_sizes_and_jitter_fill_their_ranges():
@@ -92,7 +125,16 @@ def test_box_sizes_and_jitter_fill_their_ranges():
     assert offsets.max() <= 0.08 + 0.5 / cell and offsets.max() > 0.07
 
 
-@pytest.mark.parametrize("size", [0, 8, 40, 33, -16])
+def test_non_square_canvas():
+    scene = Scene((Obj("red", "circle", "top left"), Obj("blue", "square", "bottom right")))
+    image = render(scene, (32, 64), random.Random(0))
+    assert image.shape == (32, 64, 3)
+    ys, xs = np.nonzero((palette_index(image) == 1 + COLORS.index("blue")))
+    assert ys.mean() > 2 * 32 / 3 and xs.mean() > 2 * 64 / 3
+    assert ShapesWorld((48, 32), seed=0)[0]["image"].shape == (48, 32, 3)
+
+
+@pytest.mark.parametrize("size", [0, 8, 40, 33, -16, (32, 40)])
 def test_sizes_that_are_not_multiples_of_16_raise(size):
     with pytest.raises(ValueError, match="multiple of 16"):
         render(one("red", "circle", "top"), size, random.Random(0))
@@ -100,9 +142,173 @@ def test_sizes_that_are_not_multiples_of_16_raise(size):
         ShapesWorld(size=size)
 
 
+def test_palette_index():
+    image = np.array([[PALETTE[c] for c in COLORS] + [(0, 0, 0), (20, 20, 20), (200, 30, 40)]], np.uint8)
+    assert palette_index(image).tolist() == [[1, 2, 3, 4, 5, 6, 0, 0, 1]]
+
+
+# --- prompts and captions -----------------------------------------------------------------------
+
+def test_captions_of_every_kind():
+    rc, bs = Obj("red", "circle"), Obj("blue", "square")
+    assert Prompt("single", (rc,)).text == "a red circle"
+    assert Prompt("two", (rc, bs)).text == "a red circle and a blue square"
+    assert Prompt("counting", (rc,) * 2).text == "two red circles"
+    assert Prompt("counting", (Obj("cyan", "triangle"),) * 3).text == "three cyan triangles"
+    assert Prompt("counting", (bs,) * 4).text == "four blue squares"
+    for rel in RELATIONS:
+        assert Prompt("position", (rc, bs), rel).text == f"a red circle {rel} a blue square"
+    assert Prompt("position", (rc, bs), "above").text == "a red circle above a blue square"
+    loc = Prompt("located", (Obj("red", "circle", "top left"), Obj("blue", "square", "right")))
+    assert loc.text == "a red circle at the top left and a blue square at the right"
+    assert describe(Scene((Obj("blue", "square", "right"), Obj("red", "circle", "top left")))) == loc.text
+
+
+@pytest.mark.parametrize("bad", [
+    ("single", (Obj("red", "circle"),) * 2, None), ("two", (Obj("red", "circle"),) * 2, None),
+    ("counting", (Obj("red", "circle"),), None), ("counting", (Obj("red", "circle"),) * 5, None),
+    ("counting", (Obj("red", "circle"), Obj("red", "square")), None),
+    ("position", (Obj("red", "circle"), Obj("blue", "square")), None),
+    ("position", (Obj("red", "circle"), Obj("red", "circle")), "above"),
+    ("position", (Obj("red", "circle"), Obj("blue", "square")), "near"),
+    ("located", (Obj("red", "circle", "top"), Obj("blue", "square", "top")), None),
+    ("located", (Obj("red", "circle"),), None), ("single", (Obj("red", "circle", "top"),), None),
+    ("two", (Obj("red", "circle"), Obj("blue", "square")), "above"), ("triple", (Obj("red", "circle"),), None),
+])
+def test_prompts_validate_themselves(bad):
+    with pytest.raises(ValueError):
+        Prompt(*bad)
+
+
+def test_scenes_and_objects_validate_themselves():
+    with pytest.raises(ValueError):
+        Obj("purple", "circle", "top")
+    with pytest.raises(ValueError):
+        Obj("red", "circle", "middle")
+    with pytest.raises(ValueError):
+        Scene((Obj("red", "circle", "top"), Obj("blue", "square", "top")))
+    with pytest.raises(ValueError):
+        Scene((Obj("red", "circle"),))
+    with pytest.raises(ValueError):
+        Scene(())
+    with pytest.raises(ValueError):
+        Scene(tuple(Obj("red", "circle", p) for p in POSITIONS[:5]))
+    Scene((Obj("red", "circle", "top"), Obj("red", "circle", "left")))  # repeats are fine in v2
+
+
+def test_every_drawn_prompt_round_trips():
+    rng = random.Random(0)
+    for kind in KINDS:
+        texts = set()
+        for _ in range(300):
+            p = draw_prompt(kind, rng)
+            assert p.kind == kind and parse_caption(p.text) == p
+            assert parse_caption("  " + p.text.upper().replace(" ", "  ") + " ") == p
+            texts.add(p.text)
+        assert len(texts) >= {"single": 18, "counting": 50}.get(kind, 100), kind
+    for n in (1, 2, 3, 4):  # describe answers: located captions of up to four objects parse
+        s = draw_scene(draw_prompt("counting", rng), rng) if n > 1 else draw_scene(draw_prompt("single", rng), rng)
+        s = Scene(s.objects[:n])
+        assert parse_caption(describe(s)) == Prompt("located", tuple(sorted(
+            s.objects, key=lambda o: POSITIONS.index(o.position))))
+
+
+def test_v1_captions_still_parse_and_render():
+    v1 = ["a red circle at the top left and a blue square at the right", "a cyan square at the center",
+          "a magenta triangle at the bottom right and a green circle at the top"]
+    for text in v1:
+        p = parse_caption(text)
+        assert p.kind == "located" and p.text == text
+        scene = draw_scene(p, random.Random(0))
+        assert scene.objects == p.objects
+        image = render(scene, 32, random.Random(1))
+        for o in p.objects:
+            ys, xs = np.nonzero(palette_index(image) == 1 + COLORS.index(o.color))
+            row, col = divmod(POSITIONS.index(o.position), 3)
+            assert int(ys.mean() * 3 / 32) == row and int(xs.mean() * 3 / 32) == col
+
+
+@pytest.mark.parametrize("junk", [
+    "", "a red", "a purple circle", "a red circle at the middle", "a red circle at the top and",
+    "a red hexagon", "red circle", "one red circle", "five red circles", "two red circle",
+    "a red circle and a red circle", "a red circle above a red circle", "a red circle near a blue square",
+    "a red circle at the top and a blue square at the top", "a red circle and a blue square at the top",
+    "a red circle and a blue square and a green circle",
+    "a red circle at the top and a blue square at the left and a green circle at the right and "
+    "a cyan circle at the center and a red square at the bottom",
+    None, 42,
+])
+def test_parse_caption_rejects_junk(junk):
+    assert parse_caption(junk) is None
+
+
+def test_scenes_fit_their_prompts():
+    rng = random.Random(2)
+    cells = Counter()
+    for kind in KINDS:
+        for _ in range(300):
+            p = draw_prompt(kind, rng)
+            s = draw_scene(p, rng)
+            assert [(o.color, o.shape) for o in s.objects] == [(o.color, o.shape) for o in p.objects]
+            if kind == "position":
+                assert holds(p.relation, s.objects[0].position, s.objects[1].position)
+            if kind == "located":
+                assert s.objects == p.objects
+            cells.update(o.position for o in s.objects)
+    assert set(cells) == set(POSITIONS)
+    assert holds("to the left of", "top left", "bottom") and not holds("to the left of", "top", "bottom")
+    assert holds("above", "top right", "left") and holds("below", "bottom left", "center")
+    assert holds("to the right of", "right", "center") and not holds("above", "left", "right")
+
+
+# --- understanding --------------------------------------------------------------------------------
+
+def test_questions_on_hand_built_scenes():
+    s = Scene((Obj("blue", "circle", "right"), Obj("red", "circle", "top left"), Obj("red", "circle", "bottom")))
+    assert questions(s) == [
+        ("describe the image.", "a red circle at the top left and a blue circle at the right "
+                                "and a red circle at the bottom"),
+        ("how many red circles are there?", "two"),
+        ("how many blue circles are there?", "one"),
+        ("how many red squares are there?", "zero"),   # the first absent colour+shape
+        ("where is the blue circle?", "right"),        # not the red circle: there are two
+        ("what shape is at the top left?", "circle"),
+        ("what shape is at the right?", "circle"),
+        ("what shape is at the bottom?", "circle"),
+        ("what shape is at the top?", "nothing"),      # the first empty cell
+    ]                                                  # no color question: three circles
+    s = Scene((Obj("green", "triangle", "bottom"), Obj("green", "square", "center")))
+    qa = questions(s)
+    assert qa[0] == ("describe the image.", "a green square at the center and a green triangle at the bottom")
+    assert ("what color is the triangle?", "green") in qa and ("what color is the square?", "green") in qa
+    assert ("where is the green triangle?", "bottom") in qa and ("how many green squares are there?", "one") in qa
+    full = Scene(tuple(Obj("cyan", "square", p) for p in POSITIONS[:4]))
+    qa = dict(questions(full, random.Random(0)))
+    assert qa["how many cyan squares are there?"] == "four" and "where is the cyan square?" not in qa
+    assert sum(a == "zero" for a in qa.values()) == 1 and sum(a == "nothing" for a in qa.values()) == 1
+    assert [question_kind(q) for q, _ in questions(s)] == ["describe", "count", "count", "count", "where",
+                                                           "where", "shape", "shape", "shape", "color", "color"]
+    with pytest.raises(ValueError):
+        question_kind("why?")
+
+
+def test_answers_fit_the_stated_maximum():
+    longest = Scene(tuple(Obj("magenta", "triangle", p) for p in ("top left", "top right", "bottom left",
+                                                                 "bottom right")))
+    assert len(describe(longest).encode()) == MAX_ANSWER_BYTES == 159
+    world = ShapesWorld(32, seed=1)
+    for i in range(200):
+        it = world[i]
+        assert len(it["caption"].encode()) <= 80  # every prompt fits the toy's max_text_len
+        assert all(len(a.encode()) <= MAX_ANSWER_BYTES and len(q.encode()) < 80 for q, a in it["qa"])
+
+
+# --- the world and its split ----------------------------------------------------------------------
+
 def test_world_rejects_bad_arguments():
-    for kwargs in ({"split": "val"}, {"p_two": 1.5}, {"held_out_fraction": 0.0},
-                   {"held_out_fraction": 1.0}):
+    for kwargs in ({"split": "val"}, {"held_out_fraction": 0.0}, {"held_out_fraction": 1.0},
+                   {"kinds": (1, 1)}, {"kinds": (1, -1, 1, 1, 1)}, {"kinds": (0, 0, 0, 0, 0)},
+                   {"kinds": (1, 0, 0, 0, 0), "split": "test"}):
         with pytest.raises(ValueError):
             ShapesWorld(**kwargs)
 
@@ -112,7 +318,8 @@ def test_items_are_deterministic_and_distinct():
     b[11]  # access order must not matter
     x, y = a[5], b[5]
     assert np.array_equal(x["image"], y["image"]) and x["caption"] == y["caption"]
-    assert x["scene"] == y["scene"] and x["qa"] == y["qa"]
+    assert x["scene"] == y["scene"] and x["qa"] == y["qa"] and x["kind"] == y["kind"]
+    assert set(x) == {"image", "caption", "qa", "kind", "prompt", "scene", "object_map"}
     images = [a[i]["image"].tobytes() for i in range(20)]
     assert len(set(images)) == 20
     assert not np.array_equal(a[5]["image"], ShapesWorld(32, seed=8)[5]["image"])
@@ -133,203 +340,111 @@ def test_items_do_not_depend_on_python_hash_seed():
     assert out == here
 
 
-def test_caption_format_and_round_trip():
-    scene = Scene((Obj("red", "circle", "top left"), Obj("blue", "triangle", "bottom")))
-    assert caption(scene) == "a red circle at the top left and a blue triangle at the bottom"
-    assert caption(one("cyan", "square", "center")) == "a cyan square at the center"
+def test_the_split_is_symmetric():
+    pairs = list(itertools.permutations(CLASSES, 2))
+    held_two = [p for p in (Prompt("two", ab) for ab in pairs) if is_held_out(p)]
+    assert 0 < len(held_two) < len(pairs) / 4
+    for a, b in pairs:
+        assert is_held_out(f"a {a.name} and a {b.name}") == is_held_out(f"a {b.name} and a {a.name}")
+        for r1, r2 in (("to the left of", "to the right of"), ("above", "below")):
+            assert is_held_out(f"a {a.name} {r1} a {b.name}") == is_held_out(f"a {b.name} {r2} a {a.name}")
+            assert canonical(Prompt("position", (a, b), r1)) == canonical(Prompt("position", (b, a), r2))
+    held_pos = [(a, b) for a, b in pairs if is_held_out(Prompt("position", (a, b), "above"))]
+    assert 0 < len(held_pos) < len(pairs) / 4
+    # left/right and above/below are separate captions: they need not fall together
+    assert any(is_held_out(Prompt("position", (a, b), "above")) != is_held_out(Prompt("position", (a, b),
+                                                                                      "to the left of"))
+               for a, b in pairs)
     rng = random.Random(0)
     for _ in range(500):
-        s = sample_scene(rng)
-        assert parse_caption(caption(s)) == s
-    assert parse_caption("  A Red circle at  the top ") == one("red", "circle", "top")
+        p = draw_prompt("located", rng)
+        assert is_held_out(p) == is_held_out(Prompt("located", p.objects[::-1]))
+    assert not any(is_held_out(Prompt("single", (c,))) for c in CLASSES)  # too few to hold any out
+    assert sum(is_held_out(Prompt("counting", (c,) * n)) for c in CLASSES for n in (2, 3, 4)) == 5
+    assert not is_held_out("a red circle", fraction=0.99) and is_held_out("two red circles", fraction=0.9999)
 
 
-@pytest.mark.parametrize("junk", [
-    "", "a red circle", "a purple circle at the top", "a red circle at the middle",
-    "a red circle at the top and", "a red hexagon at the top", "red circle at the top",
-    "a red circle at the top and a red square at the left",    # same colour
-    "a red circle at the top and a blue square at the top",    # same cell
-    "a red circle at the top and a blue square at the left and a green circle at the right",
-    None, 42,
-])
-def test_parse_caption_rejects_junk(junk):
-    assert parse_caption(junk) is None
+def test_training_never_sees_a_held_out_caption_and_draws_kinds_in_proportion():
+    assert DEFAULT_KINDS == TrainConfig().kinds
+    train = ShapesWorld(32, seed=4)
+    kinds = Counter()
+    for i in range(2000):
+        d = train.draw(i)
+        kinds[d[0].kind] += 1
+        assert not is_held_out(d[0]) and not is_held_out(describe(d[1]))
+    for k, w in zip(KINDS, DEFAULT_KINDS):  # binomial sd <= 0.0097 at n = 2000: within 3 sd
+        assert abs(kinds[k] / 2000 - w) < 0.03, (k, kinds)
+    skewed = Counter(ShapesWorld(32, seed=4, kinds=(0, 0, 3, 1, 0)).draw(i)[0].kind for i in range(400))
+    assert set(skewed) == {"counting", "position"} and 0.65 < skewed["counting"] / 400 < 0.85
+    test = ShapesWorld(32, seed=4, split="test")
+    for i in range(200):
+        p = test.draw(i)[0]
+        assert p.kind != "single" and is_held_out(p)
 
 
-def test_scenes_validate_themselves():
-    with pytest.raises(ValueError):
-        Obj("purple", "circle", "top")
-    with pytest.raises(ValueError):
-        Scene((Obj("red", "circle", "top"), Obj("red", "square", "left")))
-    with pytest.raises(ValueError):
-        Scene(())
+def test_held_out_prompts():
+    prompts = held_out_prompts(50)
+    assert prompts[:10] == held_out_prompts(2) and held_out_prompts(2, seed=9) != prompts[:10]
+    assert [p.kind for p in prompts[:10]] == list(KINDS) * 2  # round-robin
+    by_kind = {k: [p for p in prompts if p.kind == k] for k in KINDS}
+    assert all(len(v) == 50 for v in by_kind.values())
+    singles = Counter(p.text for p in by_kind["single"])  # all 18, evenly: 50 = 18 + 18 + 14
+    assert set(singles) == {f"a {c.name}" for c in CLASSES} and set(singles.values()) == {2, 3}
+    assert set(Counter(p.text for p in by_kind["counting"]).values()) == {10}  # 5 held out, 10 rounds
+    for k in KINDS[1:]:
+        assert all(is_held_out(p) for p in by_kind[k])
+    distinct = {k: len({p.text for p in v}) for k, v in by_kind.items()}
+    assert distinct == {"single": 18, "two": 38, "counting": 5, "position": 50, "located": 50}, distinct
 
 
-def test_sample_scene_covers_the_world():
-    rng = random.Random(1)
-    scenes = [sample_scene(rng, p_two=0.5) for _ in range(2000)]
-    twos = sum(len(s.objects) == 2 for s in scenes)
-    assert 850 < twos < 1150
-    objs = [o for s in scenes for o in s.objects]
-    assert {o.color for o in objs} == set(COLORS)
-    assert {o.shape for o in objs} == set(SHAPES)
-    assert {o.position for o in objs} == set(POSITIONS)
-    assert all(len(sample_scene(rng, p_two=0.0).objects) == 1 for _ in range(50))
-    assert all(len(sample_scene(rng, p_two=1.0).objects) == 2 for _ in range(50))
+# --- the dump CLI -------------------------------------------------------------------------------
+
+def test_dump_cli(tmp_path, capsys):
+    out = tmp_path / "dump"
+    main(["--dump", str(out), "--n", "7", "--seed", "3", "--size", "48"])
+    assert sorted(p.name for p in out.iterdir()) == [f"000{i}.png" for i in range(7)] + ["prompts.txt"]
+    prompts = (out / "prompts.txt").read_text().splitlines()
+    world = ShapesWorld(48, seed=3)
+    items = [world.item(i, KINDS[i % 5]) for i in range(7)]
+    assert prompts == [it["caption"] for it in items]
+    assert {parse_caption(p).kind for p in prompts} == set(KINDS)
+    for i in range(7):
+        assert np.array_equal(np.asarray(Image.open(out / f"000{i}.png")), items[i]["image"])
+
+    main(["--dump", str(tmp_path / "test"), "--n", "4", "--split", "test"])
+    held = (tmp_path / "test" / "prompts.txt").read_text().splitlines()
+    assert all(is_held_out(c) for c in held) and len({parse_caption(c).kind for c in held}) == 4
 
 
-def test_questions():
-    s = Scene((Obj("red", "circle", "top left"), Obj("blue", "circle", "right")))
-    assert questions(s) == [
-        ("describe the image.", "a red circle at the top left and a blue circle at the right"),
-        ("where is the red circle?", "top left"),
-        ("what shape is at the top left?", "circle"),
-        ("where is the blue circle?", "right"),
-        ("what shape is at the right?", "circle"),
-    ]
-    assert questions(one("green", "triangle", "bottom")) == [
-        ("describe the image.", "a green triangle at the bottom"),
-        ("what color is the triangle?", "green"),
-        ("where is the green triangle?", "bottom"),
-        ("what shape is at the bottom?", "triangle"),
-    ]
+def test_dump_cli_writes_nothing_when_it_fails(tmp_path, monkeypatch):
+    real = ShapesWorld.item
+
+    def failing(self, i, kind=None):
+        if i == 3:
+            raise RuntimeError("disk on fire")
+        return real(self, i, kind)
+    monkeypatch.setattr(ShapesWorld, "item", failing)
+    out = tmp_path / "dump"
+    with pytest.raises(RuntimeError):
+        main(["--dump", str(out), "--n", "5"])
+    assert list(out.iterdir()) == []
 
 
-# --- held-out split ---------------------------------------------------------------------------
-
-def all_captions():
-    for c, s, p in itertools.product(COLORS, SHAPES, POSITIONS):
-        yield f"a {c} {s} at the {p}"
-    for (c1, c2), (p1, p2), s1, s2 in itertools.product(
-            itertools.permutations(COLORS, 2), itertools.permutations(POSITIONS, 2), SHAPES, SHAPES):
-        yield f"a {c1} {s1} at the {p1} and a {c2} {s2} at the {p2}"
-
-
-def test_held_out_split():
-    caps = list(all_captions())
-    held = [c for c in caps if is_held_out(c)]
-    assert 0.05 < len(held) / len(caps) < 0.075
-    assert any(len(parse_caption(c).objects) == 1 for c in held)
-    for c in held[:200]:  # both orders of a scene fall on the same side
-        parts = c.split(" and ")
-        assert is_held_out(" and ".join(reversed(parts)))
-    assert not any(is_held_out(c, fraction=0.0) for c in caps[:500])
-
-    train, test = ShapesWorld(32, seed=4), ShapesWorld(32, seed=4, split="test")
-    assert not any(is_held_out(train[i]["caption"]) for i in range(300))
-    assert all(is_held_out(test[i]["caption"]) for i in range(100))
-    assert all(is_held_out(ShapesWorld(32, seed=4, p_two=0.0, split="test")[i]["caption"])
-               for i in range(20))
-
-    prompts = held_out_prompts(30)
-    assert prompts == held_out_prompts(30) and len(prompts) == 30
-    assert all(is_held_out(c) and caption(s) == c for c, s in prompts)
-    world = ShapesWorld(32, seed=1234, split="test")
-    assert [c for c, _ in prompts] == [world[i]["caption"] for i in range(30)]
-    assert held_out_prompts(30, seed=99) != prompts
+@pytest.mark.parametrize("args", [["--size", "40"], ["--n", "0"], ["--size", "0"]])
+def test_dump_cli_rejects_bad_input(tmp_path, capsys, args):
+    out = tmp_path / "dump"
+    with pytest.raises(SystemExit) as e:
+        main(["--dump", str(out), "--n", "4", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err
+    assert not out.exists()
 
 
-# --- scorer -----------------------------------------------------------------------------------
-
-def reference_components(cls):
-    """Plain BFS labelling, the slow obvious version of _components."""
-    h, w = cls.shape
-    lab = -np.ones((h, w), int)
-    for y, x in zip(*np.nonzero(cls)):
-        if lab[y, x] >= 0:
-            continue
-        lab[y, x] = y * w + x
-        queue = deque([(y, x)])
-        while queue:
-            cy, cx = queue.popleft()
-            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
-                if 0 <= ny < h and 0 <= nx < w and lab[ny, nx] < 0 and cls[ny, nx] == cls[y, x]:
-                    lab[ny, nx] = y * w + x
-                    queue.append((ny, nx))
-    return lab
-
-
-def test_components_agree_with_bfs():
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        cls = rng.integers(0, 3, (17, 23)) * (rng.random((17, 23)) < 0.7)
-        assert np.array_equal(_components(cls), reference_components(cls))
-    spiral = np.zeros((15, 15), int)  # one long winding component: many propagation steps
-    spiral[1, 1:14] = spiral[1:14, 13] = spiral[13, 1:14] = spiral[3:14, 1] = 1
-    spiral[3, 1:12] = spiral[3:12, 11] = spiral[11, 3:12] = spiral[5:12, 3] = 1
-    labels = _components(spiral)
-    assert np.array_equal(labels, reference_components(spiral))
-    assert len(np.unique(labels[labels >= 0])) == 1
-    diagonal = np.eye(4, dtype=int)  # 4-connectivity: diagonal neighbours are separate
-    assert len(np.unique(_components(diagonal)[diagonal > 0])) == 4
-
-
-@pytest.mark.parametrize("size,n", [(32, 300), (64, 100)])
-def test_scorer_is_right_on_clean_renders(size, n):
-    world = ShapesWorld(size, seed=11)
-    items = [world[i] for i in range(n)]
-    scores = [score_image(it["image"], it["scene"]) for it in items]
-    assert np.mean([s["object"] == 1.0 for s in scores]) >= 0.98
-    assert np.mean([s["exact"] for s in scores]) >= 0.98
-    batch = score_batch([it["image"] for it in items], [it["scene"] for it in items])
-    assert batch["exact"] == pytest.approx(np.mean([s["exact"] for s in scores]))
-    assert batch["objects"] == pytest.approx(np.mean([len(it["scene"].objects) for it in items]))
-
-
-def test_scorer_catches_each_kind_of_error():
-    for shape in SHAPES:
-        scene = one("red", shape, "top left")
-        image = render(scene, 48, random.Random(shape))
-        assert score_image(image, scene) == {"objects": 1, "color": 1.0, "position": 1.0,
-                                              "shape": 1.0, "object": 1.0, "exact": 1.0, "count": 1.0}
-        recoloured = image.copy()
-        recoloured[object_pixels(image, "red")] = PALETTE["blue"]
-        s = score_image(recoloured, scene)
-        assert s["color"] == s["position"] == s["shape"] == s["object"] == s["exact"] == 0.0
-        assert s["count"] == 1.0
-        moved = score_image(image, one("red", shape, "bottom right"))
-        assert (moved["color"], moved["position"], moved["shape"], moved["object"]) == (1, 0, 1, 0)
-        other = SHAPES[(SHAPES.index(shape) + 1) % 3]
-        wrong = score_image(image, one("red", other, "top left"))
-        assert (wrong["color"], wrong["position"], wrong["shape"], wrong["exact"]) == (1, 1, 0, 0)
-    black = score_image(np.zeros((32, 32, 3), np.uint8), one("red", "circle", "center"))
-    assert all(black[k] == 0.0 for k in ("color", "position", "shape", "object", "exact", "count"))
-
-
-def test_scorer_on_a_hand_built_image():
-    image = np.zeros((48, 48, 3), np.uint8)
-    image[3:13, 2:12] = PALETTE["red"]  # a 10x10 square in the top-left cell
-    for k in range(9):  # an upright triangle, apex at (34, 38), in the bottom-right cell
-        image[34 + k, 38 - k:39 + k] = PALETTE["green"]
-    yy, xx = np.mgrid[0:48, 0:48]
-    image[(yy - 24) ** 2 + (xx - 24) ** 2 <= 4.5 ** 2] = PALETTE["cyan"]  # a circle in the centre
-    image[0, 47] = PALETTE["blue"]  # a one-pixel speck: below the noise floor
-    assert sorted(detect(image), key=lambda d: d.color) == [
-        Detection("cyan", "circle", "center", 69),
-        Detection("green", "triangle", "bottom right", 81),
-        Detection("red", "square", "top left", 100),
-    ]
-    two = Scene((Obj("red", "square", "top left"), Obj("green", "circle", "bottom right")))
-    assert score_image(image, two) == {"objects": 2, "color": 1.0, "position": 1.0, "shape": 0.5,
-                                       "object": 0.5, "exact": 0.0, "count": 0.0}
-    image[(yy - 24) ** 2 + (xx - 24) ** 2 <= 4.5 ** 2] = 0
-    right = Scene((Obj("green", "triangle", "bottom right"), Obj("red", "square", "top left")))
-    assert score_image(image, right)["exact"] == 1.0
-    wrong_cell = Scene((Obj("green", "triangle", "bottom"), Obj("yellow", "square", "top left")))
-    assert score_image(image, wrong_cell) == {"objects": 2, "color": 0.5, "position": 0.0,
-                                              "shape": 0.5, "object": 0.0, "exact": 0.0, "count": 1.0}
-    with pytest.raises(ValueError):
-        score_batch([image], [right, right])
-    with pytest.raises(ValueError, match="uint8"):
-        score_image(image / 255.0, right)
-
-
-def test_scorer_tolerates_mild_noise():
-    world, rng = ShapesWorld(32, seed=12), np.random.default_rng(0)
-    items = [world[i] for i in range(100)]
-    noisy = [np.clip(it["image"] + rng.normal(0, 10, it["image"].shape), 0, 255).astype(np.uint8)
-             for it in items]
-    assert score_batch(noisy, [it["scene"] for it in items])["exact"] >= 0.98
+def test_dump_cli_as_a_module(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "nanorf.data", "--help"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "--dump" in run.stdout and "--split" in run.stdout
 
 
 # --- image-caption folder ---------------------------------------------------------------------
@@ -361,7 +476,8 @@ def test_image_caption_folder(tmp_path):
     assert np.abs(centre - PALETTE["green"]).max() <= 12
     assert np.abs(items[1]["image"][4:12].astype(int) - 128).max() <= 12
     assert (items[2]["image"] == (10, 20, 30)).all()
-    assert items[0]["scene"] is None and items[1]["scene"] == one("red", "circle", "top")
+    assert items[0]["prompt"] is None
+    assert items[1]["prompt"] == Prompt("located", (Obj("red", "circle", "top"),))
 
 
 def test_image_caption_folder_errors(tmp_path):
@@ -393,34 +509,3 @@ def test_image_caption_folder_errors(tmp_path):
     assert "\n" not in str(e.value)
 
 
-# --- the dump CLI -----------------------------------------------------------------------------
-
-def test_dump_cli(tmp_path, capsys):
-    out = tmp_path / "dump"
-    main(["--dump", str(out), "--n", "5", "--seed", "3", "--size", "48"])
-    assert sorted(p.name for p in out.iterdir()) == [f"000{i}.png" for i in range(5)] + ["prompts.txt"]
-    prompts = (out / "prompts.txt").read_text().splitlines()
-    world = ShapesWorld(48, seed=3)
-    assert prompts == [world[i]["caption"] for i in range(5)]
-    for i in range(5):
-        assert np.array_equal(np.asarray(Image.open(out / f"000{i}.png")), world[i]["image"])
-
-    main(["--dump", str(tmp_path / "test"), "--n", "3", "--split", "test"])
-    assert all(is_held_out(c) for c in (tmp_path / "test" / "prompts.txt").read_text().splitlines())
-
-
-@pytest.mark.parametrize("args", [["--size", "40"], ["--n", "0"], ["--size", "0"]])
-def test_dump_cli_rejects_bad_input(tmp_path, capsys, args):
-    out = tmp_path / "dump"
-    with pytest.raises(SystemExit) as e:
-        main(["--dump", str(out), "--n", "4", *args])
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error" in err
-    assert not out.exists()
-
-
-def test_dump_cli_as_a_module(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "nanorf.data", "--help"], cwd=REPO,
-                         capture_output=True, text=True)
-    assert run.returncode == 0 and "--dump" in run.stdout and "--split" in run.stdout

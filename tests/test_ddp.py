@@ -144,7 +144,7 @@ def runs(tmp_path_factory):
             {"port": ports[2], "argv": ranked_argv([*data, "--max-steps", "1"],
                                                    [d["fresh"] / "rank0", d["fresh"] / "rank1"])},
             # the shapes world with its end-of-run eval, to see what each rank writes
-            {"port": ports[3], "argv": ranked_argv(["--max-steps", "1", "--eval-prompts", "2"],
+            {"port": ports[3], "argv": ranked_argv(["--max-steps", "1", "--eval-per-kind", "2"],
                                                    [d["shapes"] / "rank0", d["shapes"] / "rank1"])},
             {"port": ports[4], "argv": ranked_argv(variants, [d["variants"] / "rank0", d["variants"] / "rank1"])},
         ]
@@ -210,7 +210,7 @@ def test_ddp_rank1_writes_nothing(runs):
     r0 = runs["shapes"] / "rank0"
     assert sorted(p.name for p in r0.iterdir()) == ["ckpt.pt", "log.jsonl", "samples.png", "samples.txt",
                                                      "score.json"]
-    assert json.loads((r0 / "score.json").read_text())["n"] == 2
+    assert json.loads((r0 / "score.json").read_text())["generation"]["n"] == 5 * 2
 
 
 def test_ddp_fresh_run_matches_single_process(runs):

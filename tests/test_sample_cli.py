@@ -16,12 +16,14 @@ from PIL import Image
 
 import sample
 import train
+from nanorf.config import get_config
 from nanorf.data import ShapesWorld
 
 from conftest import ROOT, TINY_ARGS, subprocess_env
 
 TINY = TINY_ARGS
 PROMPT = "a red circle at the top left"
+MAX_TEXT = get_config("toy").model.max_text_len  # bytes a prompt may hold
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
@@ -113,7 +115,7 @@ def test_grid_only_and_prompt_rep_map(ckpt, tmp_path):
 
 
 def test_prompt_of_exactly_max_text_len_is_accepted(ckpt, tmp_path):
-    sample.main(["--ckpt", str(ckpt), "--prompt", "a" * 80, "--out", str(tmp_path / "x.png")])
+    sample.main(["--ckpt", str(ckpt), "--prompt", "a" * MAX_TEXT, "--out", str(tmp_path / "x.png")])
     assert png(tmp_path / "x.png").shape == (32, 32, 3)
 
 
@@ -148,14 +150,14 @@ def _bad_cases(ckpt: Path, tmp: Path, shape_png: Path):
         Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(tmp / name)
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp / "wide.png")
     (tmp / "notimage.png").write_text("not a png")
-    (tmp / "long.txt").write_text("a red circle at the top left\n" + "b" * 81 + "\n")
+    (tmp / "long.txt").write_text("a red circle at the top left\n" + "b" * (MAX_TEXT + 1) + "\n")
     c, out, od = str(ckpt), str(tmp / "o.png"), str(tmp / "od")
     return {
         "missing checkpoint": ["--ckpt", str(tmp / "nope.pt"), "--prompt", PROMPT, "--out", out],
         "text file as checkpoint": ["--ckpt", str(tmp / "text.pt"), "--prompt", PROMPT, "--out", out],
         "truncated checkpoint": ["--ckpt", str(tmp / "half.pt"), "--prompt", PROMPT, "--out", out],
         "foreign torch file": ["--ckpt", str(tmp / "foreign.pt"), "--prompt", PROMPT, "--out", out],
-        "prompt longer than max_text_len": ["--ckpt", c, "--prompt", "a" * 81, "--out", out],
+        "prompt longer than max_text_len": ["--ckpt", c, "--prompt", "a" * (MAX_TEXT + 1), "--out", out],
         "long line in prompts file": ["--ckpt", c, "--prompts-file", str(tmp / "long.txt"), "--out-dir", od],
         "missing prompts file": ["--ckpt", c, "--prompts-file", str(tmp / "nope.txt"), "--out-dir", od],
         "prompt without --out": ["--ckpt", c, "--prompt", PROMPT],

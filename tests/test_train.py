@@ -21,6 +21,7 @@ from PIL import Image
 import sample
 import train
 from nanorf.checkpoint import load_checkpoint, load_model
+from nanorf.data import parse_caption
 from nanorf.model import RFModel
 
 from conftest import ROOT, TINY_ARGS, expect_cli_error, read_log, state_equal, subprocess_env
@@ -41,7 +42,7 @@ def run_train(out_dir, *args):
 
 def test_train_cli_then_sample_end_to_end(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--eval-prompts", "4",
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--eval-per-kind", "1",
            "--max-steps", "3", "--out-dir", str(out)]
     r = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
@@ -63,12 +64,17 @@ def test_train_cli_then_sample_end_to_end(tmp_path):
     # toy: lr 1e-3, 100 warmup steps, logged as the lr of the step just taken
     assert [rec["lr"] for rec in log] == pytest.approx([1e-5, 2e-5, 3e-5])
 
-    assert len((out / "samples.txt").read_text().splitlines()) == 4
+    prompts = (out / "samples.txt").read_text().splitlines()
+    assert len(prompts) == 5 and len({parse_caption(p).kind for p in prompts}) == 5   # one per kind
     score = json.loads((out / "score.json").read_text())
-    assert score["n"] == 4 and all(0.0 <= score[k] <= 1.0 for k in
-                                   ("object", "colors", "position", "single", "two", "color_attr", "overall", "exact"))
+    gen, und = score["generation"], score["understanding"]
+    assert gen["n"] == 5 and all(0.0 <= gen[k] <= 1.0 for k in
+                                 ("single", "two", "counting", "position", "located", "overall", "lenient_overall"))
+    assert gen["overall"] == pytest.approx(sum(gen[k] for k in ("single", "two", "counting", "position", "located")) / 5)
+    assert gen["extras"] >= 0 and und["n_images"] == 2 and und["n_questions"] >= 2
+    assert all(0.0 <= und[k] <= 1.0 for k in und if not k.startswith("n_"))
     grid = Image.open(out / "samples.png")
-    assert grid.size == ((4 * 34 + 2) * 4, 36 * 4)  # 4 samples in a row, 2 px pads, x4 (128 // 32)
+    assert grid.size == ((5 * 34 + 2) * 4, 36 * 4)  # 5 samples in a row, 2 px pads, x4 (128 // 32)
 
     model, cfg, step = load_model(out / "ckpt.pt")
     assert step == 3 and isinstance(model, RFModel) and not model.training
@@ -199,7 +205,7 @@ def test_image_folder_data(tmp_path):
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(data / f"im{i}.png")
             f.write(json.dumps({"file": f"im{i}.png", "text": f"random noise number {i}"}) + "\n")
     out = tmp_path / "run"
-    run_train(out, "--data", str(data), "--max-steps", "2", "--eval-prompts", "4")
+    run_train(out, "--data", str(data), "--max-steps", "2", "--eval-per-kind", "4")
     log = read_log(out)
     assert [r["step"] for r in log] == [1, 2]
     assert all(math.isfinite(r[k]) for r in log for k in ("lm", "rep", "fm"))
