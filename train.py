@@ -28,18 +28,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanorf.checkpoint import CheckpointError, load_checkpoint, load_vit_weights, save_checkpoint
+from nanorf.checkpoint import (CheckpointError, atomic_path, checkpoint_state, load_checkpoint, load_vit_weights,
+                               nonfinite, remove_stale_temps, write_checkpoint)
 from nanorf.config import PRESETS, Config, apply_overrides, get_config
 from nanorf.data import DataError, ImageCaptionFolder
 from nanorf.model import RFModel, RepresentationTargets, validate
@@ -63,7 +66,12 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="image folder with captions.jsonl instead of the shapes world")
     p.add_argument("--vit-init", default=None,
                    help="start the ViT from weights written by experiments.pretrain_vit (a pretrained encoder, as the paper's DINOv3)")
-    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt exactly")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                   help="continue from <out-dir>/ckpt.pt exactly (an error if there is none); "
+                        "--resume auto: continue if it exists, else start fresh (for torchrun --max-restarts)")
+    p.add_argument("--keep", type=int, default=None, metavar="K",
+                   help="also keep the last K checkpoints as <out-dir>/ckpt-<step>.pt (ckpt.pt is always "
+                        "the latest; default 0: ckpt.pt only)")
     p.add_argument("--batch-size", type=int, default=None, help="global generation batch per step")
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="per-rank generation examples per micro-step (gradient accumulation)")
@@ -86,7 +94,8 @@ def build_config(args) -> Config:
     t, m = cfg.train, cfg.model
     for name, value in (("max_steps", args.max_steps), ("seed", args.seed), ("batch_size", args.batch_size),
                         ("micro_batch_size", args.micro_batch_size), ("lr", args.lr),
-                        ("data", args.data), ("eval_per_kind", args.eval_per_kind), ("vit_init", args.vit_init)):
+                        ("data", args.data), ("eval_per_kind", args.eval_per_kind), ("vit_init", args.vit_init),
+                        ("keep", args.keep)):
         if value is not None:
             setattr(t, name, value)
     if args.compile:
@@ -134,6 +143,14 @@ def setup_distributed(device_arg):
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
+        if (rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"):
+            # torchrun's c10d rendezvous shares its store with the workers and keeps a failed
+            # attempt's process-group keys in it, so a restarted worker can read a dead peer's
+            # address (pytorch/pytorch#135712); measured here: 3 of 4 gloo restarts failed that way.
+            print("note: torchrun restarts may fail to reconnect unless torchrun runs with "
+                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README, \"Long runs\")")
     return rank, world, device
 
 
@@ -147,8 +164,169 @@ def micro_batch_sizes(t, world: int) -> tuple[int, int, int]:
     return accum, mb, t.und_batch_size // (world * accum)
 
 
+class RunStopped(RuntimeError):
+    """The run cannot usefully go on (too many non-finite steps in a row); the last good
+    checkpoint is left as it was."""
+
+
+LOSS_PARTS = ("lm", "rep", "fm")
+
+
+@dataclass
+class StepVerdict:
+    """What every rank knows after a step's one all-reduce, so all take the same decision."""
+    losses: torch.Tensor       # (3,) lm, rep, fm of the global batch (NaN where a part was not finite)
+    bad: list[str]             # the parts that were not finite, of LOSS_PARTS and "grad_norm"
+    bad_gen: list[int]         # global-batch positions of micro-batches whose loss was not finite
+    bad_und: list[int]
+    fresh_bad_items: int       # undecodable folder images found this step, summed over ranks
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+
+def agree_on_step(sums, bad_slots, n_gen: int, gnorm, n_fresh: int, world: int, device) -> StepVerdict:
+    """All-reduce the step's losses and its health flags in one collective (a NaN on one rank
+    becomes everyone's decision to skip) and read the verdict. bad_slots: (n_gen + n_und,) 1
+    where this rank's micro-batch of that example had a non-finite loss."""
+    B = bad_slots.numel()
+    flags = torch.cat([(~torch.isfinite(sums)).float(), (~torch.isfinite(gnorm.detach().float().cpu())).float().view(1)])
+    vec = torch.cat([sums, flags, bad_slots, torch.tensor([float(n_fresh)])])  # (3 + 4 + B_gen + B_und + 1,)
+    if world > 1:
+        red = vec.to(device)
+        dist.all_reduce(red)
+        vec = red.cpu()
+        vec[:3] /= world  # the global batch's mean losses, not rank 0's share
+    flags, slots = vec[3:7] > 0, vec[7:7 + B] > 0
+    return StepVerdict(losses=vec[:3], bad=[n for n, f in zip((*LOSS_PARTS, "grad_norm"), flags) if f],
+                       bad_gen=slots[:n_gen].nonzero().flatten().tolist(),
+                       bad_und=slots[n_gen:].nonzero().flatten().tolist(), fresh_bad_items=int(vec[-1]))
+
+
+def share_bad_items(stream: Stream, world: int) -> list[tuple[int, str]]:
+    """The undecodable folder images any rank found this step, as (index, error), now known to
+    every rank (so they all skip them from here on and count the same)."""
+    found = stream.take_fresh()
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, found)
+        found = list(dict(pair for part in everyone for pair in part).items())  # once each, rank order
+        stream.bad.update(found)
+    return found
+
+
+def check_bad_fraction(stream: Stream, limit: float):
+    n = len(stream.gen)
+    if len(stream.bad) > limit * n:
+        examples = "; ".join(list(stream.bad.values())[:3])
+        raise DataError(f"{len(stream.bad)} of {n} images in {stream.gen.root} do not decode, more than "
+                        f"train.max_bad_fraction = {limit}: {examples}; list them all with "
+                        f"python -m nanorf.data --check {stream.gen.root}")
+
+
+def save(path: Path, cfg: Config, step: int, model, ema: ModelEMA, opt, targets, world: int, master: bool):
+    """Every rank checks that what would be saved is finite (the weights are the same on every
+    rank) and they agree, so all stop together; rank 0 writes. A non-finite model raises
+    CheckpointError and no file is touched."""
+    state = checkpoint_state(cfg, step, model, ema.model, opt, targets)
+    bad = nonfinite({k: state[k] for k in ("model", "ema", "optimizer", "targets")})
+    if world > 1:
+        flag = torch.tensor([float(bool(bad))], device=next(model.parameters()).device)
+        dist.all_reduce(flag)
+        bad = bad or (["(on another rank)"] if flag.item() > 0 else [])
+    if bad:
+        raise CheckpointError(f"refusing to save step {step}: non-finite values in {', '.join(bad[:3])}; "
+                              f"{path} left as it was")
+    if master:
+        write_checkpoint(path, state, cfg.train.keep)
+
+
+def open_log(path: Path, resume_step: int | None):
+    """log.jsonl for appending. On resume, records past the checkpoint's step (written after
+    it by a run that then crashed, and about to be written again) are dropped first, so the
+    log reads as one run."""
+    if resume_step is None or not path.is_file():
+        return open(path, "w")
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
+            kept.append(line + "\n")
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("".join(kept))
+    return open(path, "a")
+
+
+def hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class Progress:
+    """tqdm when stdout and stderr are a terminal; otherwise (nohup, `> log`, a job scheduler)
+    one compact line every `log_every` steps: step, losses, codebook usage, s/step, ETA."""
+
+    def __init__(self, t, step: int, codebook_size: int, log=print):
+        from tqdm import tqdm
+        self.total, self.every, self.K, self.log = t.max_steps, t.log_every, codebook_size, log
+        tty = sys.stdout.isatty() and sys.stderr.isatty()
+        self.bar = tqdm(total=t.max_steps, initial=step, dynamic_ncols=True) if tty else None
+        self.mark = (step, time.time())  # (step, time) of the last line, for s/step
+
+    def say(self, msg: str):
+        self.bar.write(msg) if self.bar else self.log(msg)
+
+    def update(self, rec: dict):
+        step = rec["step"]
+        if self.bar:
+            self.bar.set_postfix({k: rec[k] for k in LOSS_PARTS}, refresh=False)
+            self.bar.update(1)
+            return
+        if step % self.every and step != self.total:
+            return
+        now = time.time()
+        sec = (now - self.mark[1]) / max(1, step - self.mark[0])
+        self.mark = (step, now)
+        losses = " ".join(f"{k} {rec[k]:.3f}" if rec[k] is not None else f"{k} nan" for k in LOSS_PARTS)
+        codes = f" | codes {rec['codes_used']}/{self.K}" if "codes_used" in rec else ""
+        self.log(f"step {step}/{self.total} | {losses}{codes} | {sec:.2f} s/step | eta {hms(sec * (self.total - step))}")
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+
+
+def step_record(step: int, v: StepVerdict, gnorm, lr: float, t0: float, targets, stream: Stream) -> dict:
+    """The log.jsonl record of a step: losses, grad norm, lr, time, codebook usage; for a skipped
+    step, which parts went bad and the items of the micro-batches that made them."""
+    finite = lambda x: round(float(x), 4) if math.isfinite(float(x)) else None  # noqa: E731 (JSON has no NaN)
+    rec = {"step": step, **{k: finite(x) for k, x in zip(LOSS_PARTS, v.losses)},
+           "grad_norm": finite(gnorm), "lr": lr, "time": round(time.time() - t0, 1)}
+    if v.ok and targets is not None and targets.vq is not None:
+        rec.update(codes_used=int(targets.vq.last_usage), code_perplexity=round(float(targets.vq.last_perplexity), 1))
+    if stream.bad:
+        rec["bad_items"] = len(stream.bad)
+    if not v.ok:
+        rec["skipped"] = v.bad
+        rec["gen_items"] = stream.gen_ids(step - 1, v.bad_gen)
+        rec["und_items"] = stream.und_ids(step - 1, v.bad_und)
+    return rec
+
+
 def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) -> dict:
     rank, world, device = setup_distributed(device_arg)
+    try:
+        return _train(cfg, out_dir, resume, rank, world, device, log)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, out_dir: Path, resume: bool, rank: int, world: int, device, log) -> dict:
     master = rank == 0
     t = cfg.train
     accum, mb, umb = micro_batch_sizes(t, world)
@@ -184,67 +362,94 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
 
     stop = {"flag": False}  # Ctrl-C finishes the step, saves and exits
     old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True)) if master and world == 1 else None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    logf = open(out_dir / "log.jsonl", "a" if resume else "w") if master else None
-    bar = None
+    logf = progress = None
     if master:
-        from tqdm import tqdm
-        bar = tqdm(total=t.max_steps, initial=step, dynamic_ncols=True, disable=None)
-    t0, last = time.time(), {}
-    while step < t.max_steps and not stop["flag"]:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, t) * group["lr_mult"]
-        draws = stream.draws(step)
-        sums = torch.zeros(3)  # lm, rep, fm of the global batch
-        for micro in range(accum):
-            start, ustart = (micro * world + rank) * mb, (micro * world + rank) * umb
-            gen = stream.gen_batch(step, range(start, start + mb), draws, device)
-            und = stream.und_batch(step, range(ustart, ustart + umb), device)
-            if targets is not None:
-                targets.label(gen)  # the clean images' rep targets (and REPA's features)
-            sync = ddp.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
-            with sync, amp:
-                loss, parts = ddp(gen, und)
-                (loss / accum).backward()
-            sums += torch.stack([parts.lm, parts.rep, parts.fm]).float().cpu() / accum
-        if world > 1:  # log the global batch's losses, not rank 0's share
-            red = sums.to(device)
-            dist.all_reduce(red)
-            sums = red.cpu() / world
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if targets is not None:
-            targets.ema_update(model.vit)
-        ema.update(model, step)
-        step += 1
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temps(out_dir)
+        if stale:
+            log(f"removed {len(stale)} temporary file(s) left by an interrupted save: {', '.join(stale)}")
+        logf = open_log(out_dir / "log.jsonl", step if resume else None)
+        progress = Progress(t, step, cfg.model.vq.codebook_size, log)
+    t0, last, bad_run, saved = time.time(), {}, [], step if resume else None  # bad_run: steps skipped in a row
+    try:
+        while step < t.max_steps and not stop["flag"]:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, t) * group["lr_mult"]
+            draws = stream.draws(step)
+            # The online codebook updates inside every training forward (per micro-step, as
+            # docs/method.md "Representation targets and online VQ" describes). Deferring those
+            # updates until the step is known to be finite would change what later micro-steps
+            # see; instead we copy the codebook (one K x D tensor) and put it back if the step is
+            # skipped. A good step runs exactly as before, so resume and DDP equality still hold.
+            codebook = targets.snapshot() if targets is not None else None
+            sums = torch.zeros(3)  # lm, rep, fm of this rank's share of the batch
+            bad_slots = torch.zeros(t.batch_size + t.und_batch_size)  # examples of non-finite micro-batches
+            for micro in range(accum):
+                start, ustart = (micro * world + rank) * mb, (micro * world + rank) * umb
+                gen = stream.gen_batch(step, range(start, start + mb), draws, device)
+                und = stream.und_batch(step, range(ustart, ustart + umb), device)
+                if targets is not None:
+                    targets.label(gen)  # the clean images' rep targets (and REPA's features)
+                sync = ddp.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
+                with sync, amp:
+                    loss, parts = ddp(gen, und)
+                    (loss / accum).backward()
+                part = torch.stack([parts.lm, parts.rep, parts.fm]).float().cpu()
+                sums += part / accum
+                if not torch.isfinite(part).all():
+                    bad_slots[start:start + mb] = 1
+                    bad_slots[t.batch_size + ustart:t.batch_size + ustart + umb] = 1
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            v = agree_on_step(sums, bad_slots, t.batch_size, gnorm, len(stream.fresh), world, device)
+            if v.ok:
+                opt.step()
+                if targets is not None:
+                    targets.ema_update(model.vit)
+                ema.update(model, step)
+            elif targets is not None:  # skipped: no optimiser, EMA or encoder-EMA update; the codebook as it was
+                targets.restore(codebook)
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bad_run = [] if v.ok else bad_run + [step]
 
-        if master:
-            rec = {"step": step, **{k: round(v, 4) for k, v in zip(("lm", "rep", "fm"), sums.tolist())},
-                   "grad_norm": round(float(gnorm), 3), "lr": lr_at(step - 1, t), "time": round(time.time() - t0, 1)}
-            if targets is not None and targets.vq is not None:
-                rec.update(codes_used=int(targets.vq.last_usage),
-                           code_perplexity=round(float(targets.vq.last_perplexity), 1))
-            last = rec
-            bar.set_postfix({k: rec[k] for k in ("lm", "rep", "fm")}, refresh=False)
-            bar.update(1)
-            if step % t.log_every == 0 or step == t.max_steps:
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
-            if t.ckpt_every and step % t.ckpt_every == 0:
-                save_checkpoint(ckpt_path, cfg, step, model, ema.model, opt, targets)
+            found = share_bad_items(stream, world) if v.fresh_bad_items else []
+            if master:
+                for j, why in found:
+                    progress.say(f"step {step}: {why}; using the next image that decodes instead "
+                                 f"({len(stream.bad)} of {len(stream.gen)} bad so far)")
+                    logf.write(json.dumps({"step": step, "bad_item": j, "error": why, "bad_items": len(stream.bad)}) + "\n")
+                rec = step_record(step, v, gnorm, lr_at(step - 1, t), t0, targets, stream)
+                if v.ok:
+                    last = rec
+                else:
+                    progress.say(f"step {step}: skipped, non-finite {', '.join(v.bad)} (gen items {rec['gen_items']}, "
+                                 f"und items {rec['und_items']}); {len(bad_run)} in a row, {t.max_bad_steps} end the run")
+                progress.update(rec)
+                if step % t.log_every == 0 or step == t.max_steps or not v.ok or found:
+                    logf.write(json.dumps(rec) + "\n")
+                    logf.flush()
+            if found:
+                check_bad_fraction(stream, t.max_bad_fraction)
+            if len(bad_run) >= t.max_bad_steps:
+                raise RunStopped(f"{len(bad_run)} steps in a row had a non-finite loss or gradient (steps "
+                                 f"{bad_run[0]}-{bad_run[-1]}, last: {', '.join(v.bad)}); stopped without saving, "
+                                 f"{ckpt_path} left as it was")
+            if v.ok and t.ckpt_every and step % t.ckpt_every == 0:
+                save(ckpt_path, cfg, step, model, ema, opt, targets, world, master)
+                saved = step
 
-    if master:
-        bar.close()
-        save_checkpoint(ckpt_path, cfg, step, model, ema.model, opt, targets)
-        if stop["flag"]:
+        if saved != step:
+            save(ckpt_path, cfg, step, model, ema, opt, targets, world, master)
+        if master and stop["flag"]:
             log(f"interrupted: saved {ckpt_path} at step {step}")
-        logf.close()
-    if old_handler is not None:
-        signal.signal(signal.SIGINT, old_handler)
+    finally:
+        if master:
+            progress.close()
+            logf.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
     if world > 1:
         dist.barrier()
-        dist.destroy_process_group()
     return {"model": model, "ema": ema.model, "step": step, "last": last, "interrupted": stop["flag"],
             "master": master, "seconds": time.time() - t0}
 
@@ -282,16 +487,24 @@ def main(argv=None):
     try:
         cfg = build_config(args)
         out_dir = Path(args.out_dir or f"out/{cfg.name}")
-        if args.resume and not (out_dir / "ckpt.pt").exists():
+        if cfg.train.keep < 0 or cfg.train.max_bad_steps < 1 or not 0 <= cfg.train.max_bad_fraction <= 1:
+            raise ValueError("need --keep >= 0, train.max_bad_steps >= 1 and 0 <= train.max_bad_fraction <= 1")
+        resume = (out_dir / "ckpt.pt").exists() if args.resume == "auto" else args.resume
+        if args.resume is True and not resume:
             raise CheckpointError(f"--resume: no checkpoint at {out_dir / 'ckpt.pt'}")
         if cfg.train.data:
             ImageCaptionFolder(cfg.train.data, cfg.model.image_size)  # fail early on a bad folder
         if cfg.train.vit_init:
             load_vit_weights(cfg.train.vit_init, cfg.model.vit)  # fail early on a bad file
-        res = train(cfg, out_dir, args.resume, args.device)
+        if args.resume == "auto" and not resume and int(os.environ.get("RANK", "0")) == 0:
+            print(f"--resume auto: no checkpoint at {out_dir / 'ckpt.pt'} yet, starting fresh")
+        res = train(cfg, out_dir, resume, args.device)
     except (CheckpointError, DataError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
     if res["master"]:
         last = res["last"]
         if last:

@@ -6,14 +6,22 @@ A checkpoint is one `torch.save`d dict that loads on CPU:
      "rng": torch CPU RNG state}
 Training draws every random number from (seed, step) (see train.py), so the step is
 all the data/RNG state a resume needs; the global RNG state is stored anyway.
-It is written to a temporary file in the same folder and renamed into place, so a
-crash mid-write never leaves a truncated checkpoint behind. Every file nanorf writes goes
-through the same helper, `atomic_path`.
+It is written to a temporary file in the same folder, flushed to disk and renamed into place,
+so a crash mid-write never leaves a truncated checkpoint behind (only, at worst, a stray
+`*-tmp-*` file that `remove_stale_temps` clears on the next start). Every file nanorf writes
+goes through the same helper, `atomic_path`.
+
+With `keep=K > 0` a save writes `ckpt-<step>.pt`, points `ckpt.pt` at it (a hard link, renamed
+into place) and deletes all but the newest K numbered files, so `ckpt.pt` is always the latest
+and sample.py / nanorf.eval read it unchanged. A save refuses a model holding non-finite values,
+so a diverged run can never replace a good checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,34 +37,120 @@ class CheckpointError(ValueError):
     """A missing, unreadable or mismatched checkpoint."""
 
 
+TEMP_MARK = "-tmp-"  # in the name of every temporary file atomic_path makes
+
+
 @contextmanager
-def atomic_path(path):
+def atomic_path(path, durable: bool = False):
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on any
-    error it is removed, so a reader never sees a half-written file."""
+    error it is removed, so a reader never sees a half-written file. `durable` also flushes the
+    file and the folder to disk, so the rename survives a power cut, not only a killed process."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + "-tmp-", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + TEMP_MARK, suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def save_checkpoint(path, cfg: Config, step: int, model, ema_model, optimizer, targets=None):
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder) -> list[str]:
+    """Delete the temporary files a killed save left in `folder` (atomic_path's `*-tmp-*`); their names.
+    Call it only where no other process is writing into the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.iterdir() if p.is_file() and TEMP_MARK in p.name)
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return [p.name for p in stale]
+
+
+def nonfinite(state, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) state that hold a NaN or an infinity."""
+    if torch.is_tensor(state):
+        return [prefix.rstrip(".")] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    return [name for k, v in items for name in nonfinite(v, f"{prefix}{k}.")]
+
+
+def checkpoint_state(cfg: Config, step: int, model, ema_model, optimizer, targets=None) -> dict:
+    """What a checkpoint holds (the module docstring): the live tensors, not copies."""
+    return {"format": FORMAT, "config": cfg.to_dict(), "step": step,
+            "model": model.state_dict(), "ema": ema_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "targets": None if targets is None else targets.state_dict(),
+            "rng": torch.get_rng_state()}
+
+
+def numbered(path, step: int) -> Path:
+    """out/ckpt.pt, 1200 -> out/ckpt-1200.pt"""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-{step}{path.suffix}")
+
+
+def numbered_checkpoints(path) -> list[tuple[int, Path]]:
+    """(step, file) of the numbered checkpoints beside `path`, oldest first."""
+    path = Path(path)
+    pattern = re.compile(re.escape(path.stem) + r"-(\d+)" + re.escape(path.suffix))
+    found = [(int(m.group(1)), p) for p in path.parent.glob(f"{path.stem}-*{path.suffix}")
+             if (m := pattern.fullmatch(p.name))]
+    return sorted(found)
+
+
+def write_checkpoint(path, state: dict, keep: int = 0):
+    """Write `state` to `path` atomically; with keep > 0, as `<stem>-<step>.pt` with `path` a
+    link to it, keeping the newest `keep` numbered files. A process killed at any point leaves
+    `path` holding either the previous checkpoint or this one, whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format": FORMAT, "config": cfg.to_dict(), "step": step,
-             "model": model.state_dict(), "ema": ema_model.state_dict(),
-             "optimizer": optimizer.state_dict(),
-             "targets": None if targets is None else targets.state_dict(),
-             "rng": torch.get_rng_state()}
-    with atomic_path(path) as tmp:
+    if keep <= 0:
+        with atomic_path(path, durable=True) as tmp:
+            torch.save(state, tmp)
+        return
+    target = numbered(path, state["step"])
+    with atomic_path(target, durable=True) as tmp:
         torch.save(state, tmp)
+    with atomic_path(path, durable=True) as tmp:  # the latest: a second name for the same file
+        os.remove(tmp)
+        try:
+            os.link(target, tmp)
+        except OSError:  # a file system without hard links: a copy
+            shutil.copyfile(target, tmp)
+    # Only files up to this step count: a later-numbered one is from another run in this folder
+    # (or from this run's future, before a crash and resume) and must not push this one out.
+    for _, old in [(s, p) for s, p in numbered_checkpoints(path) if s <= state["step"]][:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def save_checkpoint(path, cfg: Config, step: int, model, ema_model, optimizer, targets=None, keep: int = 0):
+    """Check that every tensor is finite, then write_checkpoint; a model holding a NaN or an
+    infinity raises CheckpointError and leaves every file as it was."""
+    state = checkpoint_state(cfg, step, model, ema_model, optimizer, targets)
+    bad = nonfinite({k: state[k] for k in ("model", "ema", "optimizer", "targets")})
+    if bad:
+        raise CheckpointError(f"refusing to save step {step} to {path}: non-finite values in "
+                              + ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
+    write_checkpoint(path, state, keep)
 
 
 def _diff(a, b, prefix=""):

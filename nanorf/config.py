@@ -146,6 +146,9 @@ class TrainConfig:
     ema_decay: float = 0.9999      # model EMA used for sampling
     log_every: int = 10
     ckpt_every: int = 1000
+    keep: int = 0                  # numbered checkpoints ckpt-<step>.pt kept beside ckpt.pt (0 = ckpt.pt only)
+    max_bad_steps: int = 3         # this many skipped (non-finite) steps in a row end the run
+    max_bad_fraction: float = 0.01  # more than this fraction of a folder's images failing to decode ends the run
     sample_every: int = 0          # 0 = only at the end
     eval_per_kind: int = 50        # held-out prompts per prompt kind scored at the end (0 = skip)
     seed: int = 0

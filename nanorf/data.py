@@ -6,7 +6,10 @@ nanorf.shapes and is re-exported here (docs/method.md, "The shapes world"). This
 - `palette_index`: the nearest-palette classifier that both the pixel scorer (nanorf.eval) and
   the encoder's patch labels (experiments.pretrain_vit) read images with;
 - `python -m nanorf.data --dump DIR --n N`: N images cycling through the five prompt kinds, so
-  any N >= 5 shows every kind, and DIR/prompts.txt whose line i is image i's caption.
+  any N >= 5 shows every kind, and DIR/prompts.txt whose line i is image i's caption;
+- `python -m nanorf.data --check DIR`: decode every image of a folder, with a progress bar, and
+  list the ones that fail (exit 1 if any), so a long run never meets them. A run that does meet
+  one substitutes another image for it (nanorf.stream) and goes on.
 """
 
 from __future__ import annotations
@@ -77,14 +80,15 @@ class ImageCaptionFolder:
     def __len__(self):
         return len(self.entries)
 
+    def path(self, i: int) -> Path:
+        return self.root / self.entries[i][0]
+
+    def decode(self, i: int) -> Image.Image:
+        """Image i as RGB (greyscale, palette, RGBA, CMYK... converted); DataError if it does not decode."""
+        return decode_rgb(self.path(i))
+
     def __getitem__(self, i: int) -> dict:
-        file, text = self.entries[i]
-        path = self.root / file
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-            raise DataError(f"cannot read image {path}: {' '.join(str(e).split())}") from None
+        im, text = self.decode(i), self.entries[i][1]
         w, h = im.size
         scale = self.size / min(w, h)
         new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
@@ -96,17 +100,65 @@ class ImageCaptionFolder:
                 "qa": [("describe the image.", text)]}
 
 
+def decode_rgb(path) -> Image.Image:
+    """The image at `path`, fully decoded, as RGB; DataError (one line) if it cannot be."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() loads every pixel, so a truncated file fails here
+    except Exception as e:  # noqa: BLE001 -- PIL raises OSError, ValueError, SyntaxError, EOFError, ... on bad files
+        raise DataError(f"cannot read image {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
+
+
+def _check_one(path) -> str | None:
+    try:
+        decode_rgb(path)
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def check_folder(root, workers: int = 1, progress: bool = True) -> tuple[int, list[tuple[int, str]]]:
+    """Decode every image of an image-caption folder: (number of items, [(index, error), ...])."""
+    from tqdm import tqdm
+    ds = ImageCaptionFolder(root, 16)
+    paths = [ds.path(i) for i in range(len(ds))]
+    bar = tqdm(total=len(paths), desc=f"checking {root}", unit="img", disable=not progress, dynamic_ncols=True)
+    if workers > 1:
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = []
+            for r in pool.imap(_check_one, paths, chunksize=64):
+                results.append(r)
+                bar.update(1)
+    else:
+        results = []
+        for p in paths:
+            results.append(_check_one(p))
+            bar.update(1)
+    bar.close()
+    return len(paths), [(i, r) for i, r in enumerate(results) if r is not None]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nanorf.data",
-                                     description="Dump shapes-world images and their captions.")
-    parser.add_argument("--dump", required=True, metavar="DIR",
-                        help="output folder: DIR/0000.png, ... and DIR/prompts.txt (line i = caption of image i)")
+                                     description="Dump shapes-world images and their captions, or check that "
+                                                 "every image of an image-caption folder decodes.")
+    todo = parser.add_mutually_exclusive_group(required=True)
+    todo.add_argument("--dump", metavar="DIR",
+                      help="output folder: DIR/0000.png, ... and DIR/prompts.txt (line i = caption of image i)")
+    todo.add_argument("--check", metavar="DIR",
+                      help="decode every image listed in DIR/captions.jsonl and list those that fail "
+                           "(exit 1 if any, 2 if the folder itself is malformed)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="--check: decoding processes (default 1; use your core count for big folders)")
     parser.add_argument("--n", type=int, default=16, help="number of images to write, cycling through the prompt kinds (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="world seed; item i depends only on (seed, split, i)")
     parser.add_argument("--size", type=int, default=32, help="canvas side in pixels, a multiple of 16 (default 32)")
     parser.add_argument("--split", choices=("train", "test"), default="train",
                         help="train: captions outside the held-out set; test: only held-out captions")
     args = parser.parse_args(argv)
+    if args.check:
+        raise SystemExit(run_check(args.check, args.workers))
     if args.size < 16 or args.size % 16:
         print(f"nanorf.data: error: --size must be a positive multiple of 16, got {args.size}", file=sys.stderr)
         raise SystemExit(2)
@@ -134,6 +186,26 @@ def main(argv=None) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {args.n} images and prompts.txt to {out}")
+
+
+def run_check(root, workers: int) -> int:
+    """--check: the exit status (0 all decode, 1 some do not, 2 a malformed folder)."""
+    if workers < 1:
+        print(f"nanorf.data: error: --workers must be at least 1, got {workers}", file=sys.stderr)
+        return 2
+    try:
+        n, bad = check_folder(root, workers, progress=True)
+    except DataError as e:
+        print(f"nanorf.data: error: {e}", file=sys.stderr)
+        return 2
+    for _, msg in bad:
+        print(msg)
+    if bad:
+        print(f"{len(bad)} of {n} images in {root} do not decode; a training run substitutes the next "
+              f"image for each (train.max_bad_fraction caps how many), or remove them from captions.jsonl")
+        return 1
+    print(f"all {n} images in {root} decode")
+    return 0
 
 
 if __name__ == "__main__":

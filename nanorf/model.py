@@ -420,6 +420,14 @@ class RepresentationTargets(nn.Module):
     def ema_update(self, vit: ViT):
         self.encoder.update(vit, self.decay)
 
+    def snapshot(self):
+        """What a training forward changes (the codebook), for `restore`; None without a VQ."""
+        return None if self.vq is None else self.vq.snapshot()
+
+    def restore(self, snap):
+        if snap is not None:
+            self.vq.restore(snap)
+
 
 def images_to_tensor(images) -> torch.Tensor:
     """List of (H, W, 3) uint8 arrays -> (B, 3, H, W) float in [-1, 1] (pixel space, no VAE)."""

@@ -5,6 +5,11 @@ docs/method.md, "Classifier-free guidance") is a function of (seed, step, exampl
 never of the rank or the gradient-accumulation micro-step. So a run gives the same result
 on any number of processes, and resumes exactly from a checkpoint that holds only the
 weights, the optimiser, the codebook and the step.
+
+A folder image that fails to decode is replaced by the next index that does (`_folder_item`):
+a function of the folder alone, so every rank and a resumed run substitute the same image. The
+stream records each bad index once (`bad`); train.py shares new ones between ranks, logs
+their paths and stops the run when too many of the folder's images fail.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config
-from .data import ImageCaptionFolder, ShapesWorld
+from .data import DataError, ImageCaptionFolder, ShapesWorld
 from .flow import sample_t
 from .model import GenBatch, RFModel, UndBatch, images_to_tensor
 
@@ -41,6 +46,8 @@ class Stream:
         m, t = cfg.model, cfg.train
         self.cfg, self.model = cfg, model
         self._perm = (-1, None)  # (epoch, permutation) of a folder dataset
+        self.bad: dict[int, str] = {}  # folder index -> why it does not decode (every bad item known here)
+        self.fresh: list[int] = []     # bad indices this process found since the last `take_fresh`
         if t.data:
             self.gen = self.und = ImageCaptionFolder(t.data, m.image_size)
         else:
@@ -48,13 +55,44 @@ class Stream:
             self.und = ShapesWorld(m.image_size, seed=t.seed + 1_000_003, kinds=t.kinds)
 
     def _item(self, ds, i: int):
-        if isinstance(ds, ShapesWorld):
-            return ds[i]
-        n, epoch = len(ds), i // len(ds)  # a folder: a fresh permutation every epoch, drawn once
-        if self._perm[0] != epoch:
+        return ds[i] if isinstance(ds, ShapesWorld) else self._folder_item(ds, self.item_id(i))
+
+    def item_id(self, i: int) -> int:
+        """Stream position i -> the item it reads: i itself in the shapes world, a folder index
+        (a line of captions.jsonl) for a folder, under a fresh permutation every epoch."""
+        if isinstance(self.gen, ShapesWorld):
+            return i
+        n, epoch = len(self.gen), i // len(self.gen)
+        if self._perm[0] != epoch:  # drawn once per epoch
             g = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch)
             self._perm = (epoch, torch.randperm(n, generator=g))
-        return ds[int(self._perm[1][i % n])]
+        return int(self._perm[1][i % n])
+
+    def _folder_item(self, ds: ImageCaptionFolder, j: int) -> dict:
+        """Folder item j, or, if its image does not decode, the next index (cyclically) that does."""
+        for k in range(len(ds)):
+            jj = (j + k) % len(ds)
+            if jj in self.bad:
+                continue
+            try:
+                return ds[jj]
+            except DataError as e:
+                self.bad[jj] = str(e)
+                self.fresh.append(jj)
+        raise DataError(f"no image in {ds.root} decodes: {next(iter(self.bad.values()))}")
+
+    def take_fresh(self) -> list[tuple[int, str]]:
+        """The bad items found since the last call, as (index, error)."""
+        out = [(j, self.bad[j]) for j in self.fresh]
+        self.fresh = []
+        return out
+
+    def gen_ids(self, step: int, ks) -> list[int]:
+        """The items examples ks of the step's global generation batch read (before any substitution)."""
+        return [self.item_id(step * self.cfg.train.batch_size + k) for k in ks]
+
+    def und_ids(self, step: int, ks) -> list[int]:
+        return [self.item_id(step * self.cfg.train.und_batch_size + k) for k in ks]
 
     def draws(self, step: int) -> StepDraws:
         m, model = self.cfg.model, self.model

@@ -201,6 +201,18 @@ class OnlineVQ(nn.Module):
         self.last_usage = used.sum().float()
         self.last_perplexity = perplexity(counts)
 
+    @torch.no_grad()
+    def snapshot(self) -> dict[str, Tensor]:
+        """Copies of the buffers a training forward changes (prototypes, initialized), for `restore`."""
+        return {"prototypes": self.prototypes.clone(), "initialized": self.initialized.clone()}
+
+    @torch.no_grad()
+    def restore(self, snap: dict[str, Tensor]):
+        """Undo every update since `snapshot` (train.py: a skipped, non-finite step)."""
+        self.prototypes.copy_(snap["prototypes"])
+        self.initialized.copy_(snap["initialized"])
+        self._init_cached = False  # re-read `initialized` on the next forward
+
     def forward(self, z: Tensor, update: bool = True) -> Tensor:
         """z (M, D) L2-normalised target features -> codes (M,) long. No gradient flows anywhere."""
         with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
