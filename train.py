@@ -9,6 +9,7 @@
     python train.py --config toy --data my_folder/    # images + captions.jsonl
     torchrun --nproc_per_node 2 train.py --config toy # DDP: gloo on CPU, nccl on GPU
     python train.py --config toy --out-dir out/x --resume
+    torchrun --max-restarts 3 ... train.py ... --resume auto --keep 3   # long runs (README, "Long runs")
 
 One step = one global batch of `batch_size` generation examples and `und_batch_size`
 understanding examples, split over ranks and gradient-accumulation micro-steps.
@@ -19,8 +20,11 @@ that holds only weights, optimiser, codebook and the step.
 
 The step (in `train`, top to bottom): the EMA encoder + online VQ turn the clean images
 into target codes; forward and backward on every micro-batch (DDP syncs gradients on the
-last one only); clip; AdamW (0.9, 0.95, wd 0.1) with linear warmup then constant LR; then
-the target encoder's EMA and the sampling EMA of the whole model are updated.
+last one only); clip; every rank agrees whether the losses and the gradient norm are finite;
+if so, AdamW (0.9, 0.95, wd 0.1) with linear warmup then constant LR, then the target
+encoder's EMA and the sampling EMA of the whole model are updated; if not, the step is skipped
+and the codebook put back as it was. `train.max_bad_steps` skipped steps in a row end the run
+(RunStopped) without touching the last checkpoint.
 """
 
 from __future__ import annotations
@@ -242,62 +246,80 @@ def save(path: Path, cfg: Config, step: int, model, ema: ModelEMA, opt, targets,
         write_checkpoint(path, state, cfg.train.keep)
 
 
-def open_log(path: Path, resume_step: int | None):
-    """log.jsonl for appending. On resume, records past the checkpoint's step (written after
-    it by a run that then crashed, and about to be written again) are dropped first, so the
-    log reads as one run."""
-    if resume_step is None or not path.is_file():
-        return open(path, "w")
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
-            kept.append(line + "\n")
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text("".join(kept))
-    return open(path, "a")
-
-
 def hms(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-class Progress:
-    """tqdm when stdout and stderr are a terminal; otherwise (nohup, `> log`, a job scheduler)
-    one compact line every `log_every` steps: step, losses, codebook usage, s/step, ETA."""
+class RunLog:
+    """Rank 0's account of the run: records in log.jsonl, and the console: tqdm when stdout and
+    stderr are a terminal, otherwise (nohup, `> log`, a job scheduler) one compact line every
+    `log_every` steps: step, losses, codebook usage, s/step, ETA. Skipped steps and bad images
+    are always written and said."""
 
-    def __init__(self, t, step: int, codebook_size: int, log=print):
+    def __init__(self, path: Path, resume_step: int | None, t, codebook_size: int, log=print):
         from tqdm import tqdm
-        self.total, self.every, self.K, self.log = t.max_steps, t.log_every, codebook_size, log
+        self.f = self._open(path, resume_step)
+        self.t, self.K, self.log = t, codebook_size, log
         tty = sys.stdout.isatty() and sys.stderr.isatty()
+        step = resume_step or 0
         self.bar = tqdm(total=t.max_steps, initial=step, dynamic_ncols=True) if tty else None
         self.mark = (step, time.time())  # (step, time) of the last line, for s/step
+
+    @staticmethod
+    def _open(path: Path, resume_step: int | None):
+        """log.jsonl for appending. On resume, records past the checkpoint's step (written after
+        it by a run that then crashed, and about to be written again) are dropped first, so the
+        log reads as one run."""
+        if resume_step is None or not path.is_file():
+            return open(path, "w")
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
+                kept.append(line + "\n")
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text("".join(kept))
+        return open(path, "a")
 
     def say(self, msg: str):
         self.bar.write(msg) if self.bar else self.log(msg)
 
-    def update(self, rec: dict):
-        step = rec["step"]
+    def write(self, rec: dict):
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
+    def bad_items(self, step: int, found: list[tuple[int, str]], n_bad: int, n: int):
+        for j, why in found:
+            self.say(f"step {step}: {why}; using the next image that decodes instead ({n_bad} of {n} bad so far)")
+            self.write({"step": step, "bad_item": j, "error": why, "bad_items": n_bad})
+
+    def step(self, rec: dict, in_a_row: int):
+        step, t = rec["step"], self.t
+        if "skipped" in rec:
+            self.say(f"step {step}: skipped, non-finite {', '.join(rec['skipped'])} (gen items {rec['gen_items']}, "
+                     f"und items {rec['und_items']}); {in_a_row} in a row, {t.max_bad_steps} end the run")
+        due = step % t.log_every == 0 or step == t.max_steps
+        if due or "skipped" in rec:
+            self.write(rec)
         if self.bar:
             self.bar.set_postfix({k: rec[k] for k in LOSS_PARTS}, refresh=False)
             self.bar.update(1)
-            return
-        if step % self.every and step != self.total:
-            return
-        now = time.time()
-        sec = (now - self.mark[1]) / max(1, step - self.mark[0])
-        self.mark = (step, now)
-        losses = " ".join(f"{k} {rec[k]:.3f}" if rec[k] is not None else f"{k} nan" for k in LOSS_PARTS)
-        codes = f" | codes {rec['codes_used']}/{self.K}" if "codes_used" in rec else ""
-        self.log(f"step {step}/{self.total} | {losses}{codes} | {sec:.2f} s/step | eta {hms(sec * (self.total - step))}")
+        elif due:
+            now = time.time()
+            sec = (now - self.mark[1]) / max(1, step - self.mark[0])
+            self.mark = (step, now)
+            losses = " ".join(f"{k} {rec[k]:.3f}" if rec[k] is not None else f"{k} nan" for k in LOSS_PARTS)
+            codes = f" | codes {rec['codes_used']}/{self.K}" if "codes_used" in rec else ""
+            self.log(f"step {step}/{t.max_steps} | {losses}{codes} | {sec:.2f} s/step | eta {hms(sec * (t.max_steps - step))}")
 
     def close(self):
         if self.bar:
             self.bar.close()
+        self.f.close()
 
 
 def step_record(step: int, v: StepVerdict, gnorm, lr: float, t0: float, targets, stream: Stream) -> dict:
@@ -310,23 +332,15 @@ def step_record(step: int, v: StepVerdict, gnorm, lr: float, t0: float, targets,
         rec.update(codes_used=int(targets.vq.last_usage), code_perplexity=round(float(targets.vq.last_perplexity), 1))
     if stream.bad:
         rec["bad_items"] = len(stream.bad)
-    if not v.ok:
-        rec["skipped"] = v.bad
-        rec["gen_items"] = stream.gen_ids(step - 1, v.bad_gen)
-        rec["und_items"] = stream.und_ids(step - 1, v.bad_und)
+    if not v.ok:  # the micro-batches with a non-finite loss, or the whole batch if only the gradient was
+        t = stream.cfg.train
+        gen, und = (v.bad_gen, v.bad_und) if v.bad_gen else (range(t.batch_size), range(t.und_batch_size))
+        rec.update(skipped=v.bad, gen_items=stream.gen_ids(step - 1, gen), und_items=stream.und_ids(step - 1, und))
     return rec
 
 
 def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) -> dict:
     rank, world, device = setup_distributed(device_arg)
-    try:
-        return _train(cfg, out_dir, resume, rank, world, device, log)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def _train(cfg: Config, out_dir: Path, resume: bool, rank: int, world: int, device, log) -> dict:
     master = rank == 0
     t = cfg.train
     accum, mb, umb = micro_batch_sizes(t, world)
@@ -362,14 +376,13 @@ def _train(cfg: Config, out_dir: Path, resume: bool, rank: int, world: int, devi
 
     stop = {"flag": False}  # Ctrl-C finishes the step, saves and exits
     old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True)) if master and world == 1 else None
-    logf = progress = None
+    runlog = None
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         stale = remove_stale_temps(out_dir)
         if stale:
             log(f"removed {len(stale)} temporary file(s) left by an interrupted save: {', '.join(stale)}")
-        logf = open_log(out_dir / "log.jsonl", step if resume else None)
-        progress = Progress(t, step, cfg.model.vq.codebook_size, log)
+        runlog = RunLog(out_dir / "log.jsonl", step if resume else None, t, cfg.model.vq.codebook_size, log)
     t0, last, bad_run, saved = time.time(), {}, [], step if resume else None  # bad_run: steps skipped in a row
     try:
         while step < t.max_steps and not stop["flag"]:
@@ -414,20 +427,11 @@ def _train(cfg: Config, out_dir: Path, resume: bool, rank: int, world: int, devi
 
             found = share_bad_items(stream, world) if v.fresh_bad_items else []
             if master:
-                for j, why in found:
-                    progress.say(f"step {step}: {why}; using the next image that decodes instead "
-                                 f"({len(stream.bad)} of {len(stream.gen)} bad so far)")
-                    logf.write(json.dumps({"step": step, "bad_item": j, "error": why, "bad_items": len(stream.bad)}) + "\n")
+                if found:
+                    runlog.bad_items(step, found, len(stream.bad), len(stream.gen))
                 rec = step_record(step, v, gnorm, lr_at(step - 1, t), t0, targets, stream)
-                if v.ok:
-                    last = rec
-                else:
-                    progress.say(f"step {step}: skipped, non-finite {', '.join(v.bad)} (gen items {rec['gen_items']}, "
-                                 f"und items {rec['und_items']}); {len(bad_run)} in a row, {t.max_bad_steps} end the run")
-                progress.update(rec)
-                if step % t.log_every == 0 or step == t.max_steps or not v.ok or found:
-                    logf.write(json.dumps(rec) + "\n")
-                    logf.flush()
+                runlog.step(rec, in_a_row=len(bad_run))
+                last = rec if v.ok else last
             if found:
                 check_bad_fraction(stream, t.max_bad_fraction)
             if len(bad_run) >= t.max_bad_steps:
@@ -442,14 +446,15 @@ def _train(cfg: Config, out_dir: Path, resume: bool, rank: int, world: int, devi
             save(ckpt_path, cfg, step, model, ema, opt, targets, world, master)
         if master and stop["flag"]:
             log(f"interrupted: saved {ckpt_path} at step {step}")
-    finally:
+        if world > 1:
+            dist.barrier()
+    finally:  # also when the run stops on an error, which every rank reaches at the same step
         if master:
-            progress.close()
-            logf.close()
+            runlog.close()
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
-    if world > 1:
-        dist.barrier()
+        if world > 1:
+            dist.destroy_process_group()
     return {"model": model, "ema": ema.model, "step": step, "last": last, "interrupted": stop["flag"],
             "master": master, "seconds": time.time() - t0}
 

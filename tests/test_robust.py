@@ -141,6 +141,23 @@ def test_bad_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):
     assert all(r["lm"] is not None for r in log)  # the understanding sequences never met the NaN
 
 
+def test_a_non_finite_gradient_alone_skips_the_step(tmp_path, monkeypatch):
+    """Finite losses, an infinite gradient norm (an overflow in backward): skipped, with the
+    whole batch's items, since no micro-batch is to blame."""
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def overflowing(params, max_norm):
+        calls.append(1)
+        norm = clip(params, max_norm)
+        return torch.full_like(norm, float("inf")) if len(calls) == 2 else norm
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflowing)
+    run_train(tmp_path / "run", "--max-steps", "3")
+    log = read_log(tmp_path / "run")
+    assert [r.get("skipped") for r in log] == [None, ["grad_norm"], None]
+    assert log[1]["gen_items"] == list(range(8, 16)) and log[1]["und_items"] == list(range(4, 8))
+    assert log[1]["fm"] is not None and log[1]["grad_norm"] is None
+
+
 def test_a_save_refuses_non_finite_weights(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     run_train(out, "--max-steps", "2", "--set", "train.ckpt_every=2")

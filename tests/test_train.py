@@ -175,6 +175,8 @@ def test_resume_with_other_model_config_fails_cleanly(tmp_path, capsys):
     (["--set", "model.image_size=30"], "image_size"),
     (["--set", "train.micro_batch_size=3"], "batch_size"),
     (["--data", "MISSING"], "MISSING"),
+    (["--keep", "-1"], "--keep"),
+    (["--set", "train.max_bad_steps=0"], "max_bad_steps"),
 ])
 def test_bad_arguments_fail_with_one_line(tmp_path, capsys, args, words):
     out = tmp_path / "out"
