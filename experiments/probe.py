@@ -13,6 +13,13 @@ block follows the plan. When a checkpoint falls short, this says which half fail
                 training images; the resulting mosaic is scored like any sample. "real"
                 draws the held-out image's own codes the same way: the most that this
                 rendering of codes can show.
+  plan-swap     does the plan decide the picture? For held-out prompts that leave the cells
+                open (single, two, counting, position), a real image of a scene that fits
+                the prompt is drawn; the pixel block paints from the prompt and that image's
+                rep tokens, and `plan_following` is the fraction of the scene's objects drawn
+                in that image's cells (its colour and shape in its cell). The baseline paints
+                the same prompts with the plan hidden (cfg_mode "norep"): what a picture that
+                ignores the plan scores by chance. RF's claim is plan-following near 1.
   pixels given  the pixel block's samples, scored, when it is given (a) its own sampled
                 rep tokens, as in normal sampling; (b) none: the rep sequence hidden from
                 the pixel block in both CFG branches (cfg_mode "norep"); (c) the codes of
@@ -30,15 +37,17 @@ import argparse
 import json
 import random
 import sys
+from dataclasses import replace
 
 import torch
 
 from nanorf.data import KINDS, ShapesWorld, draw_scene, held_out_prompts, render
-from nanorf.eval import score_images
+from nanorf.eval import detect, score_images
 from nanorf.model import RepresentationTargets, images_to_tensor, patchify, tensor_to_images, unpatchify
 from nanorf.sampler import sample_pixels, text_to_image
 from nanorf.vq import codebook_stats
 
+OPEN_KINDS = ("single", "two", "counting", "position")   # the kinds whose prompts leave the cells open
 KEYS = ("single", "two", "counting", "position", "located", "overall", "lenient_overall", "extras")
 
 
@@ -72,6 +81,37 @@ def mosaic(codes: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def plan_following(images, scenes) -> float:
+    """Fraction of the scenes' objects that the images draw in the same cell with the same
+    colour and shape (each detection matched at most once)."""
+    hit = total = 0
+    for img, scene in zip(images, scenes):
+        found = [(d.color, d.shape, d.position) for d in detect(img)]
+        for o in scene.objects:
+            total += 1
+            if (o.color, o.shape, o.position) in found:
+                found.remove((o.color, o.shape, o.position))
+                hit += 1
+    return hit / max(1, total)
+
+
+@torch.no_grad()
+def plan_swap(model, targets: RepresentationTargets, n: int = 64, seed: int = 0) -> dict:
+    """Paint held-out open-cell prompts from a real fitting image's plan, and with no plan."""
+    cfg = model.cfg
+    held = [p for p in held_out_prompts(-(-n // len(OPEN_KINDS)), kinds=OPEN_KINDS)][:n]
+    rng = random.Random(4321)
+    scenes = [draw_scene(p, rng) for p in held]
+    real = images_to_tensor([render(s, cfg.image_size, rng) for s in scenes])
+    plan = targets(real, update=False)                                            # (B, N) the real images' codes
+    ids = [model.tok.encode(p.text, cfg.max_text_len) for p in held]
+    out = {"n": len(held)}
+    for name, mode in (("with_real_plan", cfg.sample.cfg_mode), ("no_plan", "norep")):
+        x = sample_pixels(model, ids, plan, replace(cfg.sample, cfg_mode=mode), torch.Generator().manual_seed(seed))
+        out[f"plan_following_{name}"] = round(plan_following(tensor_to_images(x), scenes), 4)
+    return out
+
+
 def probe(model, targets: RepresentationTargets | None, n: int = 64, seed: int = 0) -> dict:
     cfg = model.cfg
     held = held_out_prompts(-(-n // len(KINDS)))               # nanorf.eval's prompts, whole rounds of kinds
@@ -96,6 +136,7 @@ def probe(model, targets: RepresentationTargets | None, n: int = 64, seed: int =
         patches = code_patches(targets, cfg.image_size, cfg.rep_grid)
         out["plan_alone_sampled"] = score(mosaic(codes, patches))
         out["plan_alone_real"] = score(mosaic(true, patches))
+    out["plan_swap"] = plan_swap(model, targets, n, seed)
     return out
 
 
@@ -131,6 +172,10 @@ def main(argv=None):
         if name in r:
             print(f"{name}: {r[name]['codes_used']} of {cfg.model.vq.codebook_size} codes, "
                   f"perplexity {r[name]['perplexity']:.1f}")
+    if "plan_swap" in r:
+        ps = r["plan_swap"]
+        print(f"plan-swap on {ps['n']} open-cell prompts: objects drawn in the real plan's cells "
+              f"{ps['plan_following_with_real_plan']:.3f} with its plan, {ps['plan_following_no_plan']:.3f} with none")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ckpt": args.ckpt, "step": step, **r}, f, indent=1)

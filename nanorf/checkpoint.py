@@ -91,10 +91,11 @@ def load_checkpoint(path, expect: Config | None = None) -> dict:
     return ck
 
 
-def load_model(path, device="cpu", ema: bool = True):
-    """(RFModel with the EMA weights (or the raw ones), Config, step) for sampling."""
+def load_model(path, device="cpu", ema: bool = True, ck: dict | None = None):
+    """(RFModel with the EMA weights (or the raw ones), Config, step) for sampling; `ck`: the
+    checkpoint already loaded from `path`, to read it once."""
     from .variants import build_model
-    ck = load_checkpoint(path)
+    ck = ck or load_checkpoint(path)
     cfg = Config.from_dict(ck["config"])
     model = build_model(cfg.model)
     try:
