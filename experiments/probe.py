@@ -9,10 +9,10 @@ block follows the plan. When a checkpoint falls short, this says which half fail
                 (exp of the entropy of the code histogram), for real images and for the
                 sampled rep tokens.
   plan alone    how often the sampled rep tokens by themselves already get the layout
-                right. Each code is drawn as the mean image patch it covers over 2,048
-                training images; the resulting mosaic is scored like any sample. "real"
-                draws the held-out image's own codes the same way: the most that this
-                rendering of codes can show.
+                right. Each code is drawn as the mean image patch it stood for in training
+                (kept with the codebook; sample.py --rep-map draws plans the same way), and
+                the mosaic is scored like any sample. "real" draws the held-out image's own
+                codes the same way: the most that this rendering of codes can show.
   plan-swap     does the plan decide the picture? For held-out prompts that leave the cells
                 open (single, two, counting, position), a real image of a scene that fits
                 the prompt is drawn; the pixel block paints from the prompt and that image's
@@ -41,9 +41,9 @@ from dataclasses import replace
 
 import torch
 
-from nanorf.data import KINDS, ShapesWorld, draw_scene, held_out_prompts, render
+from nanorf.data import KINDS, draw_scene, held_out_prompts, render
 from nanorf.eval import detect, score_images
-from nanorf.model import RepresentationTargets, images_to_tensor, patchify, tensor_to_images, unpatchify
+from nanorf.model import RepresentationTargets, images_to_tensor, tensor_to_images, unpatchify
 from nanorf.sampler import sample_pixels, text_to_image
 from nanorf.vq import codebook_stats
 
@@ -55,23 +55,6 @@ def usage(codes: torch.Tensor, K: int) -> dict:
     """Distinct codes and the perplexity of their histogram over all positions of (B, N) ids."""
     st = codebook_stats(codes, K)
     return {"codes_used": st["used"], "perplexity": st["perplexity"]}
-
-
-@torch.no_grad()
-def code_patches(targets: RepresentationTargets, size: int, rep_grid: int, n: int = 2048) -> torch.Tensor:
-    """(K, s*s*3) mean image patch (in [-1, 1], model.patchify's layout) under each code,
-    s = size / rep_grid, over n training images; codes never used stay black (-1)."""
-    world, s, K = ShapesWorld(size, seed=0), size // rep_grid, targets.cfg.vq.codebook_size
-    total, count = torch.zeros(K, s * s * 3), torch.zeros(K)
-    for i in range(0, n, 256):
-        x = images_to_tensor([world[j]["image"] for j in range(i, min(n, i + 256))])
-        codes = targets(x, update=False).flatten()                               # (B*N,)
-        total.index_add_(0, codes, patchify(x, s).flatten(0, 1))                 # tiles (B*N, s*s*3)
-        count += torch.bincount(codes, minlength=K).float()
-    out = torch.full((K, s * s * 3), -1.0)
-    seen = count > 0
-    out[seen] = total[seen] / count[seen, None]
-    return out
 
 
 def mosaic(codes: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
@@ -133,7 +116,7 @@ def probe(model, targets: RepresentationTargets | None, n: int = 64, seed: int =
     if targets.vq is not None:
         K = cfg.vq.codebook_size
         out["codebook_real"], out["codebook_sampled"] = usage(true, K), usage(codes, K)
-        patches = code_patches(targets, cfg.image_size, cfg.rep_grid)
+        patches = targets.code_patches                                            # (K, s*s*3) mean patch per code
         out["plan_alone_sampled"] = score(mosaic(codes, patches))
         out["plan_alone_real"] = score(mosaic(true, patches))
     out["plan_swap"] = plan_swap(model, targets, n, seed)
