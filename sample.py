@@ -70,12 +70,10 @@ def save_png(img: np.ndarray, path: Path):
 
 
 def rep_map(codes: torch.Tensor, code_patches: torch.Tensor) -> np.ndarray:
-    """(N,) codes on a square g x g grid -> (g*s, g*s, 3) uint8: each code's mean patch
-    (code_patches (K, s*s*3), in [-1, 1], patchify's layout) in its cell."""
-    from nanorf.model import tensor_to_images, unpatchify
-    g = int(round(codes.numel() ** 0.5))
-    s = int(round((code_patches.shape[1] // 3) ** 0.5))
-    return tensor_to_images(unpatchify(code_patches[codes.cpu()][None], s, g, g))[0]
+    """(N,) sampled codes -> (H, W, 3) uint8: the plan drawn as each code's mean training patch."""
+    from nanorf.model import tensor_to_images
+    from nanorf.sampler import draw_plan
+    return tensor_to_images(draw_plan(codes[None], code_patches))[0]
 
 
 def read_prompts(args) -> list[str]:

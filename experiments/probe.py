@@ -43,8 +43,8 @@ import torch
 
 from nanorf.data import KINDS, draw_scene, held_out_prompts, render
 from nanorf.eval import detect, score_images
-from nanorf.model import RepresentationTargets, images_to_tensor, tensor_to_images, unpatchify
-from nanorf.sampler import sample_pixels, text_to_image
+from nanorf.model import RepresentationTargets, images_to_tensor, tensor_to_images
+from nanorf.sampler import draw_plan, sample_pixels, text_to_image
 from nanorf.vq import codebook_stats
 
 OPEN_KINDS = ("single", "two", "counting", "position")   # the kinds whose prompts leave the cells open
@@ -55,12 +55,6 @@ def usage(codes: torch.Tensor, K: int) -> dict:
     """Distinct codes and the perplexity of their histogram over all positions of (B, N) ids."""
     st = codebook_stats(codes, K)
     return {"codes_used": st["used"], "perplexity": st["perplexity"]}
-
-
-def mosaic(codes: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-    """(B, N) ids on a g x g grid -> (B, 3, g*s, g*s) images of the codes' mean patches."""
-    g, s = int(round(codes.shape[1] ** 0.5)), int(round((patches.shape[1] // 3) ** 0.5))
-    return unpatchify(patches[codes], s, g, g)
 
 
 @torch.no_grad()
@@ -117,8 +111,8 @@ def probe(model, targets: RepresentationTargets | None, n: int = 64, seed: int =
         K = cfg.vq.codebook_size
         out["codebook_real"], out["codebook_sampled"] = usage(true, K), usage(codes, K)
         patches = targets.code_patches                                            # (K, s*s*3) mean patch per code
-        out["plan_alone_sampled"] = score(mosaic(codes, patches))
-        out["plan_alone_real"] = score(mosaic(true, patches))
+        out["plan_alone_sampled"] = score(draw_plan(codes, patches))
+        out["plan_alone_real"] = score(draw_plan(true, patches))
     out["plan_swap"] = plan_swap(model, targets, n, seed)
     return out
 

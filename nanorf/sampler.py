@@ -258,6 +258,15 @@ def answer(model: RFModel, images: torch.Tensor, questions: list[str], max_new_t
     return [tok.decode(o) for o in outs]
 
 
+def draw_plan(codes: torch.Tensor, code_patches: torch.Tensor) -> torch.Tensor:
+    """A plan of rep tokens drawn as a coarse preview: (B, N) codes on a g x g grid ->
+    (B, 3, g*s, g*s) images in [-1, 1], each code as its mean training patch (code_patches
+    (K, s*s*3) in patchify's layout, RepresentationTargets keeps it with the codebook)."""
+    g = int(round(codes.shape[1] ** 0.5))
+    s = int(round((code_patches.shape[1] // 3) ** 0.5))
+    return unpatchify(code_patches[codes.cpu()], s, g, g)                         # (B, N, s*s*3) -> images
+
+
 def save_grid(images, path, ncol: int = 8, scale: int = 1, pad: int = 2):
     """Write a list of (H, W, 3) uint8 images as one PNG grid (nearest upscaling by `scale`),
     atomically."""

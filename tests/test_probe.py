@@ -6,11 +6,11 @@ import random
 import pytest
 import torch
 
-from experiments.probe import KEYS, mosaic, plan_following, probe, usage
+from experiments.probe import KEYS, plan_following, probe, usage
 from nanorf.data import Obj, Scene, held_out_prompts, render
 from nanorf.eval import score_images
 from nanorf.model import tensor_to_images
-from nanorf.sampler import text_to_image
+from nanorf.sampler import draw_plan, text_to_image
 from nanorf.config import SamplingSettings
 from nanorf.sampler import sample_pixels
 
@@ -25,11 +25,11 @@ def test_usage_hand_values():
     assert u["codes_used"] == 2 and u["perplexity"] == pytest.approx(math.exp(h))
 
 
-def test_mosaic_places_each_codes_patch_in_raster_order():
+def test_draw_plan_places_each_codes_patch_in_raster_order():
     tiles = torch.arange(3 * 3 * 2 * 2, dtype=torch.float).view(3, 3, 2, 2)      # K=3 codes, (3, 2, 2) px
     patches = tiles.permute(0, 2, 3, 1).reshape(3, 12)                            # patchify's (y, x, c) order
     codes = torch.tensor([[2, 0, 1, 2]])                                           # 2x2 grid
-    img = mosaic(codes, patches)
+    img = draw_plan(codes, patches)
     assert img.shape == (1, 3, 4, 4)
     assert torch.equal(img[0, :, :2, :2], tiles[2]) and torch.equal(img[0, :, :2, 2:], tiles[0])
     assert torch.equal(img[0, :, 2:, :2], tiles[1]) and torch.equal(img[0, :, 2:, 2:], tiles[2])

@@ -1,0 +1,36 @@
+"""experiments.viz: the mask picture and the two plan figures, drawn from a tiny checkpoint."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train
+from experiments import viz
+
+from conftest import TINY_ARGS
+
+pytestmark = pytest.mark.usefixtures("single_thread_module")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, single_thread_module):
+    out = tmp_path_factory.mktemp("viz") / "run"
+    train.main([*TINY_ARGS, "--max-steps", "2", "--out-dir", str(out)])
+    return out / "ckpt.pt"
+
+
+def test_mask_picture(tmp_path):
+    viz.main(["--mask", str(tmp_path / "m.png")])
+    assert Image.open(tmp_path / "m.png").size[0] > 100
+
+
+def test_plans_and_plan_swap_figures(ckpt, tmp_path, capsys):
+    viz.main(["--plans", str(tmp_path / "p.png"), "--ckpt", str(ckpt), "--prompt", "two red circles"])
+    g = np.asarray(Image.open(tmp_path / "p.png"))
+    assert g.shape == ((2 * 34 + 2) * 4, (4 * 34 + 2) * 4, 3)      # 2 rows x 4 seeds of 32 px, x4
+    viz.main(["--plan-swap", str(tmp_path / "s.png"), "--ckpt", str(ckpt)])
+    g = np.asarray(Image.open(tmp_path / "s.png"))
+    assert g.shape == ((4 * 34 + 2) * 4, (4 * 34 + 2) * 4, 3)      # 4 prompts x 4 columns
+    assert "columns: real image, its plan" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        viz.main(["--plans", str(tmp_path / "x.png")])              # no --ckpt
