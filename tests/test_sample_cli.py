@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 import sample
-import train
 from nanorf.checkpoint import load_checkpoint
 from nanorf.config import get_config
 from nanorf.model import tensor_to_images, unpatchify
@@ -28,13 +27,6 @@ PROMPT = "a red circle at the top left"
 MAX_TEXT = get_config("toy").model.max_text_len  # bytes a prompt may hold
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, single_thread_module):
-    out = tmp_path_factory.mktemp("sample_cli") / "run"
-    train.main([*TINY, "--max-steps", "2", "--out-dir", str(out)])
-    return out / "ckpt.pt"
 
 
 @pytest.fixture(scope="module")

@@ -4,19 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import train
 from experiments import viz
 
-from conftest import TINY_ARGS
-
 pytestmark = pytest.mark.usefixtures("single_thread_module")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, single_thread_module):
-    out = tmp_path_factory.mktemp("viz") / "run"
-    train.main([*TINY_ARGS, "--max-steps", "2", "--out-dir", str(out)])
-    return out / "ckpt.pt"
 
 
 def test_mask_picture(tmp_path):
