@@ -65,13 +65,47 @@ class VQConfig:
 
 @dataclass
 class MoTConfig:
-    """Mixture-of-Transformers decoder (docs/method.md, "MoT routing"; BAGEL)."""
+    """Mixture-of-Transformers decoder (docs/method.md, "MoT routing"; BAGEL).
+
+    The fields after `rope_base` exist so Qwen3 and Qwen3-MoE checkpoints load
+    (nanorf/pretrained.py, `load_qwen3`); their defaults keep the architecture the presets
+    always had (head size dim / heads, as many key/value heads as query heads, the FFN width
+    from mlp_ratio, one dense SwiGLU per expert group).
+    """
     dim: int = 512
     depth: int = 8
     heads: int = 8
     mlp_ratio: float = 4.0
     shared_attention: bool = True  # paper: attention shared by all tokens; False = BAGEL's per-modality q/k/v/o + norms
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0     # Qwen3's rope_theta (the name predates the loader; checkpoints store it)
+    head_dim: int = 0              # > 0: per-head width independent of dim (Qwen3: 128); 0 = dim // heads
+    n_kv_heads: int = 0            # grouped-query attention: key/value heads, dividing heads; 0 = heads
+    ffn_hidden: int = 0            # > 0: the SwiGLU hidden width as is (Qwen3's intermediate_size); 0 = from mlp_ratio
+    rms_eps: float = 1e-6          # every RMSNorm's epsilon (Qwen3's rms_norm_eps)
+    # Routed MoE FFN (Qwen3-MoE): with n_routed_experts > 0 each of the three expert groups is a
+    # pool of routed SwiGLU experts instead of one dense SwiGLU (nanorf/moe.py)
+    n_routed_experts: int = 0      # experts per group (Qwen3-30B-A3B: 128); 0 = dense
+    top_k: int = 8                 # experts per token (Qwen3-30B-A3B: 8)
+    norm_topk_prob: bool = True    # renormalise the top-k router probabilities to sum to 1
+    moe_hidden: int = 0            # each routed expert's hidden width (moe_intermediate_size); 0 = the dense width
+    aux_loss_coef: float = 0.001   # weight of the load-balancing loss in the total (router_aux_loss_coef)
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.dim // self.heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.heads
+
+    @property
+    def ffn_size(self) -> int:
+        """The dense SwiGLU hidden width: explicit, or at the FLOPs of a 4x GELU MLP."""
+        return self.ffn_hidden or int(self.dim * self.mlp_ratio * 2 / 3) // 8 * 8
+
+    @property
+    def moe_size(self) -> int:
+        return self.moe_hidden or self.ffn_size
 
 
 @dataclass
@@ -112,6 +146,9 @@ class ModelConfig:
     repa_depth: int = 0            # REPA taps the pixel tokens after this many blocks; 0 = mot.depth // 2
     p_drop_text: float = 0.1       # CFG: drop the prompt
     p_drop_rep: float = 0.1        # CFG: hide the rep sequence from the pixel block
+    tokenizer: str = ""            # "" = UTF-8 bytes (the toy); else a Qwen3 checkpoint folder (or its tokenizer.json)
+                                   # whose BPE vocabulary the text uses (nanorf/tokenizer.py, QwenTokenizer)
+    tie_lm_head: bool = False      # the LM head shares the token embedding matrix (Qwen3's tie_word_embeddings)
     vit: ViTConfig = field(default_factory=ViTConfig)
     vq: VQConfig = field(default_factory=VQConfig)
     mot: MoTConfig = field(default_factory=MoTConfig)
