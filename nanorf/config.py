@@ -11,6 +11,8 @@ Presets:
   small      a single-GPU run on the 64x64 shapes world or a small image folder
   paper256   the paper's ablation shapes: 256 px, patch 16, 2x2 pooling, K=16,384
   paper1024  the paper's main-result shapes: 1024 px (1,024 rep tokens, 4,096 pixel patches)
+  qwen3_0p6b a decoder shaped like Qwen3-0.6B and an encoder shaped like DINOv3 ViT-S/16 at 256 px:
+             the one-GPU start from real weights (nanorf/pretrained.py fills it)
 The paper presets instantiate at the right token counts; their widths are
 placeholders (the paper inherits Qwen3-30B-A3B and DINOv3-H+, which we do not ship).
 
@@ -282,11 +284,30 @@ def _paper(image_size: int) -> Config:
     )
 
 
+def _qwen3_0p6b() -> Config:
+    # Qwen3-0.6B's config.json: 28 layers, hidden 1024, 16 query / 8 key-value heads of 128,
+    # intermediate 3072, rope_theta 1e6, tied embeddings. DINOv3 ViT-S/16: 384 wide, 12 blocks,
+    # 6 heads, 4 storage tokens, masked key bias. Built on its own it is random and byte-level;
+    # load_qwen3 gives it Qwen's vocabulary and weights, load_dinov3 the encoder's.
+    return Config(
+        name="qwen3_0p6b",
+        model=ModelConfig(
+            image_size=256, patch_size=16, max_text_len=256, tie_lm_head=True,
+            vit=ViTConfig(patch_size=16, dim=384, depth=12, heads=6, n_storage_tokens=4, mask_k_bias=True),
+            vq=VQConfig(codebook_size=16384, tau=0.5, momentum=0.9999, pool=2),
+            mot=MoTConfig(dim=1024, depth=28, heads=16, n_kv_heads=8, head_dim=128, ffn_hidden=3072,
+                          rope_base=1e6),
+        ),
+        train=TrainConfig(batch_size=64, und_batch_size=32, lr=5e-5, warmup_steps=1000, max_steps=50000),
+    )
+
+
 PRESETS = {
     "toy": _toy,
     "small": _small,
     "paper256": lambda: _paper(256),
     "paper1024": lambda: _paper(1024),
+    "qwen3_0p6b": _qwen3_0p6b,
 }
 
 

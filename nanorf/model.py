@@ -382,12 +382,14 @@ class RFModel(nn.Module):
         mask = lay.mask(None if drop_rep is None else drop_rep.cpu()).to(dev)
         return self.mot(x, lay.modality.to(dev), lay.pos.to(dev), mask, tap=tap, router_log=self._router_log)
 
-    def lm_logits(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def lm_logits(self, ids: torch.Tensor, valid: torch.Tensor | None = None, router_log=None) -> torch.Tensor:
         """Text-only causal forward: token ids (B, L) -> next-token logits (B, L, vocab).
 
         No image blocks, every token UND, RoPE positions 0..L-1, causal attention: exactly a
         Qwen3 causal LM on a Qwen3-loaded model. valid (B, L) bool marks real tokens of
-        right-padded rows (padding routes to no expert and no real token sees it)."""
+        right-padded rows (padding routes to no expert and no real token sees it).
+        router_log (MoT.router_log()): collects a routed-MoE decoder's router logits, for
+        self.mot.aux_loss."""
         B, L = ids.shape
         dev = ids.device
         valid = torch.ones(B, L, dtype=torch.bool, device=dev) if valid is None else valid.to(dev)
@@ -395,7 +397,8 @@ class RFModel(nn.Module):
         block = torch.full((B, L), NO_BLOCK, device=dev)
         mask = attention_mask(block, torch.zeros_like(valid), valid, modality)
         pos = torch.arange(L, device=dev).expand(B, L)
-        h = self.mot(self.tok_emb(ids), modality, pos, mask, router_log=self._router_log)
+        h = self.mot(self.tok_emb(ids), modality, pos, mask,
+                     router_log=router_log if router_log is not None else self._router_log)
         return self.lm_head(h)
 
     def gen_forward(self, prompts, codes, z, t, drop_rep=None, tap: int | None = None) -> GenOutput:

@@ -48,6 +48,7 @@ class MoEFFN(nn.Module):
         self.gate = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.up = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.down = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.init_weights(0.02, 0.02)  # RFModel re-draws them with its residual scaling
 
     def init_weights(self, std: float, down_std: float):
         for w in (self.router.weight, self.gate, self.up):
@@ -75,7 +76,7 @@ class MoEFFN(nn.Module):
         token = order // k                                                         # token of each sorted pair
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         xs = h.index_select(0, token).split(counts)                                # per expert, (n_e, D)
-        ys = []
+        ys = [h.new_zeros(0, h.shape[1])]  # n = 0: nothing to route
         for e, xe in enumerate(xs):
             if xe.shape[0]:
                 ys.append(F.linear(F.silu(F.linear(xe, self.gate[e])) * F.linear(xe, self.up[e]), self.down[e]))
