@@ -491,8 +491,9 @@ def qwen3_config(hf: dict, sd: dict) -> dict:
                  rope_base=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))))
         q_norm = sd.get("model.layers.0.self_attn.q_norm.weight")
         c["head_dim"] = q_norm.shape[0] if q_norm is not None else hf.get("head_dim") or dim // heads
+        c.update(n_routed_experts=0, moe_hidden=0)  # dense, whatever the base config's decoder was
         if mt == "qwen3_moe":
-            c.update(n_routed_experts=hf.get("num_experts", hf.get("num_local_experts")),
+            c.update(n_routed_experts=hf.get("num_experts") or hf["num_local_experts"],  # transformers 5 writes the latter
                      top_k=hf["num_experts_per_tok"], norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
                      moe_hidden=hf["moe_intermediate_size"],
                      aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
@@ -580,17 +581,16 @@ def load_qwen3(path, cfg: ModelConfig | None = None, *, copy_experts: bool = Tru
         raise CheckpointError(f"cannot read {cfg_file}: {_one_line(e)}") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{cfg_file} is not a config dict")
-    if hf.get("model_type") not in QWEN3_TYPES:  # before reading gigabytes of weights
-        qwen3_config(hf, {})
-    sd = read_safetensors_dir(path, "Qwen3")
-    c = qwen3_config(hf, sd)
-    tied = c.pop("tie_lm_head")
+    qwen3_config(hf, {})  # the architecture and its features, before reading gigabytes of weights
     tok_path = Path(tokenizer) if tokenizer is not None else path
     if not (tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path).is_file():
         raise CheckpointError(f"no tokenizer.json in {tok_path} (pass tokenizer= a folder or file with Qwen's)")
+    sd = read_safetensors_dir(path, "Qwen3")
+    c = qwen3_config(hf, sd)
+    tied = c.pop("tie_lm_head")
     base = cfg or ModelConfig()
-    mot = replace(base.mot if cfg is not None else MoTConfig(), **c)
-    cfg = _override(replace(base, mot=mot, tie_lm_head=tied, tokenizer=str(tok_path.resolve())), overrides)
+    cfg = _override(replace(base, mot=replace(base.mot, **c), tie_lm_head=tied, tokenizer=str(tok_path.resolve())),
+                    overrides)
     from nanorf.variants import build_model  # variants imports model; the loader needs the variant classes
     try:
         model = build_model(cfg)

@@ -360,6 +360,12 @@ def test_overrides_and_config(tmp_path):
     assert c.tokenizer == str(Path(tmp_path).resolve())
     with pytest.raises(TypeError, match="unknown override"):
         _load(tmp_path, no_such_field=1)
+    # the checkpoint decides the decoder's shape, whatever the given config's was; the rest stays
+    from nanorf.config import MoTConfig
+    from nanorf.pretrained import load_qwen3
+    d = write_qwen3_folder(tmp_path / "dense")
+    m = load_qwen3(d, replace(BASE, mot=MoTConfig(n_routed_experts=8, moe_hidden=4, shared_attention=False)))
+    assert m.cfg.mot.n_routed_experts == 0 and m.cfg.mot.shared_attention is False
 
 
 # ---- the tokenizer ---------------------------------------------------------------------------------
