@@ -246,7 +246,7 @@ def answer(model: RFModel, images: torch.Tensor, questions: list[str], max_new_t
         nxt = sample_logits(logits, top_k, temperature, generator)                 # (B,)
         for b, c in enumerate(nxt.tolist()):
             if not done[b]:
-                if c == tok.eos or c >= tok.n_bytes:
+                if c == tok.eos or tok.is_special(c):
                     done[b] = True
                 else:
                     outs[b].append(c)
