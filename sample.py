@@ -71,7 +71,7 @@ def save_png(img: np.ndarray, path: Path):
 
 def rep_map(codes: torch.Tensor, code_patches: torch.Tensor) -> np.ndarray:
     """(N,) sampled codes -> (H, W, 3) uint8: the plan drawn as each code's mean training patch."""
-    from nanorf.model import tensor_to_images
+    from nanorf.patches import tensor_to_images
     from nanorf.sampler import draw_plan
     return tensor_to_images(draw_plan(codes[None], code_patches))[0]
 
@@ -91,7 +91,7 @@ def read_prompts(args) -> list[str]:
 def main(argv=None):
     args = parse_args(argv)
     from nanorf.checkpoint import CheckpointError, load_checkpoint, load_model
-    from nanorf.model import images_to_tensor, tensor_to_images
+    from nanorf.patches import images_to_tensor, tensor_to_images
     from nanorf.sampler import answer, save_grid, text_to_image
     from nanorf.tokenizer import TokenizerError
 

@@ -42,8 +42,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanorf.checkpoint import CheckpointError, load_checkpoint, load_vit_weights, save_checkpoint
 from nanorf.config import PRESETS, Config, apply_overrides, get_config
 from nanorf.data import DataError, ImageCaptionFolder
-from nanorf.model import RFModel, RepresentationTargets, validate
+from nanorf.model import RFModel, validate
 from nanorf.stream import Stream
+from nanorf.targets import RepresentationTargets
 from nanorf.variants import build_model
 
 

@@ -137,7 +137,7 @@ def write_grid(args, out: Path):
     import torch
     from nanorf.checkpoint import load_model
     from nanorf.data import held_out_prompts
-    from nanorf.model import tensor_to_images
+    from nanorf.patches import tensor_to_images
     from nanorf.sampler import save_grid, text_to_image
     rows, prompts = [], None
     for v in args.variants:

@@ -43,8 +43,9 @@ import torch
 
 from nanorf.data import KINDS, draw_scene, held_out_prompts, render
 from nanorf.eval import detect, score_images
-from nanorf.model import RepresentationTargets, images_to_tensor, tensor_to_images
+from nanorf.patches import images_to_tensor, tensor_to_images
 from nanorf.sampler import draw_plan, sample_pixels, text_to_image
+from nanorf.targets import RepresentationTargets
 from nanorf.vq import codebook_stats
 
 OPEN_KINDS = ("single", "two", "counting", "position")   # the kinds whose prompts leave the cells open

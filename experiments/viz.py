@@ -27,8 +27,10 @@ import numpy as np
 import torch
 
 from nanorf.config import get_config
-from nanorf.model import RFModel, RepresentationTargets, images_to_tensor, tensor_to_images
+from nanorf.model import RFModel
+from nanorf.patches import images_to_tensor, tensor_to_images
 from nanorf.mot import PAD, PIX, REP, UND
+from nanorf.targets import RepresentationTargets
 
 COLOURS = {UND: (120, 120, 120), REP: (235, 140, 30), PIX: (40, 110, 230), PAD: (225, 225, 225)}
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -53,43 +52,9 @@ from .flow import add_noise, fm_loss, timestep_embedding
 from .layout import NO_BLOCK, Layout, generation_layout, understanding_layout
 from .moe import MoEFFN
 from .mot import MoT, PAD, PIX, REP, UND, attention_mask
+from .patches import patchify, sincos_2d
 from .tokenizer import make_tokenizer
 from .vit import ViT, Connector
-from .vq import EMAEncoder, OnlineVQ
-
-
-def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, H/p * W/p, p*p*3), raster order of patches."""
-    B, C, H, W = img.shape
-    x = img.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)      # (B, h, w, p, p, C)
-    return x.reshape(B, (H // p) * (W // p), p * p * C)
-
-
-def unpatchify(x: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
-    """(B, h*w, p*p*3) -> (B, 3, h*p, w*p)."""
-    B = x.shape[0]
-    x = x.reshape(B, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4)                 # (B, 3, h, p, w, p)
-    return x.reshape(B, 3, h * p, w * p)
-
-
-def sincos_2d(h: int, w: int, dim: int, max_cells: int = 64) -> torch.Tensor:
-    """(h*w, dim) sin-cos features of cell centres in [0, 1]^2 coordinates, raster order.
-
-    Normalised coordinates with grid-independent frequencies make grids of different
-    densities over the same image (pixel patches, rep tokens, ViT patches) agree where
-    their centres coincide. The dim/4 frequencies per axis are geometric from pi/2 (a
-    quarter turn across the image) to pi * max_cells (neighbours half a turn apart on
-    a max_cells grid; 64 covers the paper's 1024 px pixel grid)."""
-    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    q = dim // 4
-    freqs = (torch.pi / 2) * (2.0 * max_cells) ** (torch.arange(q, dtype=torch.float32) / max(1, q - 1))
-    out = []
-    for c in (yy.flatten(), xx.flatten()):
-        a = c[:, None] * freqs[None]                                            # (h*w, q)
-        out += [a.sin(), a.cos()]
-    return torch.cat(out, dim=1)                                                # (h*w, 4q)
 
 
 def validate(cfg: ModelConfig):
@@ -210,16 +175,11 @@ class GenOutput:
 
 @dataclass
 class LossParts:
-    """The three losses of a step, detached, for logging."""
+    """The losses of a step, detached, for logging."""
     lm: torch.Tensor
     rep: torch.Tensor
     fm: torch.Tensor
-
-
-@dataclass
-class MoELossParts(LossParts):
-    """With a routed-MoE decoder: also aux_loss_coef * L_aux, the load-balancing term of the total."""
-    aux: torch.Tensor
+    aux: torch.Tensor | None = None  # routed-MoE decoders only: aux_loss_coef * L_aux, part of the total
 
 
 LOADED_KEY = "loaded_names"  # the state-dict entry that carries RFModel.loaded
@@ -455,8 +415,7 @@ class RFModel(nn.Module):
 
     def forward(self, gen: GenBatch, und: UndBatch | None = None) -> tuple[torch.Tensor, LossParts]:
         """One training micro-batch -> (L = L_LM + L_Rep + L_FM, the parts detached). With a
-        routed-MoE decoder L also holds aux_loss_coef * L_aux over both passes' tokens, and the
-        parts are MoELossParts."""
+        routed-MoE decoder L also holds aux_loss_coef * L_aux over both passes' tokens (parts.aux)."""
         self._router_log = self.mot.router_log()
         try:
             l_rep, l_fm = self.gen_loss(gen)
@@ -467,92 +426,5 @@ class RFModel(nn.Module):
         total = l_lm + l_rep + l_fm
         if self.cfg.mot.n_routed_experts:
             aux = self.cfg.mot.aux_loss_coef * (aux if aux is not None else total.new_zeros(()))
-            return total + aux, MoELossParts(l_lm.detach(), l_rep.detach(), l_fm.detach(), aux.detach())
+            return total + aux, LossParts(l_lm.detach(), l_rep.detach(), l_fm.detach(), aux.detach())
         return total, LossParts(l_lm.detach(), l_rep.detach(), l_fm.detach())
-
-
-class RepresentationTargets(nn.Module):
-    """The EMA copy of the encoder and the online VQ that turn a clean image into
-    N discrete target ids (docs/method.md, "Representation targets and online VQ"). Not part of RFModel: it has no gradient, is not
-    averaged into the sampling EMA, and is not needed to sample.
-    The ablations read the same EMA features: continuous targets skip the VQ; REPA pools
-    them to the pixel-patch grid (`align`).
-
-    With the codebook it keeps `code_patches` (K, s*s*3): a running mean of the image patch
-    (s = image side / rep grid, in [-1, 1], patchify's layout) under each code, so that a plan
-    of codes can be drawn as a coarse preview of the picture (sample.py --rep-map). A display
-    aid, not part of the method: it never feeds the model."""
-
-    PATCH_MOMENTUM = 0.99  # of code_patches; a code seen for the first time takes its batch mean
-
-    def __init__(self, cfg: ModelConfig, vit: ViT):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = EMAEncoder(vit, cfg.vq.pool)
-        self.vq = OnlineVQ(cfg.vit.dim, cfg.vq) if cfg.rf and cfg.rep_target == "discrete" else None
-        self.decay = cfg.vq.encoder_ema
-        if self.vq is not None:
-            s = cfg.image_size // cfg.rep_grid
-            self.register_buffer("code_patches", torch.zeros(cfg.vq.codebook_size, s * s * 3))
-            self.register_buffer("code_seen", torch.zeros(cfg.vq.codebook_size, dtype=torch.bool))
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, update: bool = True) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, N) code ids, raster order over the pooled grid; with
-        continuous targets, the features x = sqrt(D) f (B, N, D) instead."""
-        z = self.encoder.features(images)                                          # (B, N, D), unit norm
-        B, N, D = z.shape
-        if self.vq is None:
-            return z * D ** 0.5
-        codes = self.vq(z.reshape(B * N, D), update=update).view(B, N)
-        if update and self.training:
-            self.track_patches(images, codes)
-        return codes
-
-    @torch.no_grad()
-    def track_patches(self, images: torch.Tensor, codes: torch.Tensor):
-        """Move each used code's mean patch toward this (global) batch's mean under it."""
-        s = self.cfg.image_size // self.cfg.rep_grid
-        tiles = patchify(images.float(), s).flatten(0, 1)                          # (B*N, s*s*3)
-        flat = codes.flatten()
-        stats = torch.zeros(self.code_patches.shape[0], tiles.shape[1] + 1, device=tiles.device)
-        stats[:, :-1].index_add_(0, flat, tiles)
-        stats[:, -1].index_add_(0, flat, torch.ones_like(flat, dtype=stats.dtype))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(stats)  # every rank keeps the same table, as with the codebook
-        used = stats[:, -1] > 0
-        mean = stats[:, :-1] / stats[:, -1:].clamp_min(1)
-        m = torch.where(self.code_seen, self.PATCH_MOMENTUM, 0.0)[:, None]
-        self.code_patches.copy_(torch.where(used[:, None], m * self.code_patches + (1 - m) * mean, self.code_patches))
-        self.code_seen |= used
-
-    @torch.no_grad()
-    def label(self, b: GenBatch):
-        """Fill in a batch's targets from its clean images: the rep targets (with rep tokens)
-        and REPA's features (with a REPA weight)."""
-        if self.cfg.rf:
-            b.targets = self(b.images)
-        if self.cfg.repa_weight:
-            b.align = self.align(b.images)
-
-    @torch.no_grad()
-    def align(self, images: torch.Tensor) -> torch.Tensor:
-        """REPA's targets: (B, 3, H, W) -> unit features (B, M, D) on the pixel-patch grid."""
-        return self.encoder.features(images, pool=self.cfg.patch_size // self.cfg.vit.patch_size)
-
-    @torch.no_grad()
-    def ema_update(self, vit: ViT):
-        self.encoder.update(vit, self.decay)
-
-
-def images_to_tensor(images) -> torch.Tensor:
-    """List of (H, W, 3) uint8 arrays -> (B, 3, H, W) float in [-1, 1] (pixel space, no VAE)."""
-    import numpy as np
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
-
-
-def tensor_to_images(x: torch.Tensor):
-    """(B, 3, H, W) in [-1, 1] -> list of (H, W, 3) uint8 arrays."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return list(x.permute(0, 2, 3, 1).cpu().numpy())

@@ -9,7 +9,7 @@ import torch
 from experiments.probe import KEYS, plan_following, probe, usage
 from nanorf.data import Obj, Scene, held_out_prompts, render
 from nanorf.eval import score_images
-from nanorf.model import tensor_to_images
+from nanorf.patches import tensor_to_images
 from nanorf.sampler import draw_plan, text_to_image
 from nanorf.config import SamplingSettings
 from nanorf.sampler import sample_pixels
@@ -62,7 +62,7 @@ def test_plan_following_by_hand():
 
 
 def test_probe_runs_on_a_tiny_model(tiny_model, tiny_config):
-    from nanorf.model import RepresentationTargets
+    from nanorf.targets import RepresentationTargets
     m = tiny_model("model.image_size=32", "model.patch_size=8", "model.vit.patch_size=8", "model.max_text_len=80")
     targets = RepresentationTargets(m.cfg, m.vit).eval()
     targets(torch.rand(8, 3, 32, 32) * 2 - 1)                                      # initialise the codebook

@@ -1,4 +1,4 @@
-"""Qwen3 decoders from checkpoint folders (nanorf/pretrained.py, `load_qwen3`) and the Qwen
+"""Qwen3 decoders from checkpoint folders (nanorf/qwen3.py, `load_qwen3`) and the Qwen
 tokenizer (nanorf/tokenizer.py, `QwenTokenizer`).
 
 Parity: tiny random Qwen3 / Qwen3-MoE models of transformers (dense tied and untied, MoE with

@@ -17,7 +17,7 @@ from PIL import Image
 import sample
 from nanorf.checkpoint import load_checkpoint
 from nanorf.config import get_config
-from nanorf.model import tensor_to_images, unpatchify
+from nanorf.patches import tensor_to_images, unpatchify
 from nanorf.data import ShapesWorld
 
 from conftest import ROOT, TINY_ARGS, subprocess_env
