@@ -39,10 +39,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanorf.checkpoint import CheckpointError, load_checkpoint, load_vit_weights, save_checkpoint
+from nanorf.checkpoint import CheckpointError, check_model_config, load_checkpoint, load_vit_weights, save_checkpoint
 from nanorf.config import PRESETS, Config, apply_overrides, get_config
 from nanorf.data import DataError, ImageCaptionFolder
 from nanorf.model import RFModel, validate
+from nanorf.stages import apply_stage, freeze, initial_model, load_weights_from, parse_freeze
 from nanorf.stream import Stream
 from nanorf.targets import RepresentationTargets
 from nanorf.variants import build_model
@@ -64,6 +65,18 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="image folder with captions.jsonl instead of the shapes world")
     p.add_argument("--vit-init", default=None,
                    help="start the ViT from weights written by experiments.pretrain_vit (a pretrained encoder, as the paper's DINOv3)")
+    p.add_argument("--init-llm", default=None, metavar="QWEN3_DIR",
+                   help="start the decoder, embeddings, LM head and tokenizer from a local Qwen3 checkpoint folder")
+    p.add_argument("--init-vit", default=None, metavar="DINOV3",
+                   help="start the encoder from a local official DINOv3 checkpoint (.pth or Hugging Face)")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from every weight of another run's checkpoint, with a fresh optimiser and "
+                        "schedule, in this run's config (stage 1 -> 2 -> 3; the rep position table is resized)")
+    p.add_argument("--freeze", default=None, metavar="GROUPS",
+                   help="comma-separated groups that do not train: vit, connector, llm, gen")
+    p.add_argument("--stage", type=int, default=None, choices=(1, 2, 3),
+                   help="the paper's stages: 1 = only the connector trains, on understanding data "
+                        "(--freeze vit,llm,gen, no generation examples); 2 and 3 train everything")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt exactly")
     p.add_argument("--batch-size", type=int, default=None, help="global generation batch per step")
     p.add_argument("--micro-batch-size", type=int, default=None,
@@ -84,10 +97,14 @@ def parse_args(argv=None):
 
 def build_config(args) -> Config:
     cfg = get_config(args.config)
+    if args.init_from:  # the model is that run's, with this command line's changes (e.g. a new image size)
+        cfg.model = Config.from_dict(load_checkpoint(args.init_from)["config"]).model
     t, m = cfg.train, cfg.model
     for name, value in (("max_steps", args.max_steps), ("seed", args.seed), ("batch_size", args.batch_size),
                         ("micro_batch_size", args.micro_batch_size), ("lr", args.lr),
-                        ("data", args.data), ("eval_per_kind", args.eval_per_kind), ("vit_init", args.vit_init)):
+                        ("data", args.data), ("eval_per_kind", args.eval_per_kind), ("vit_init", args.vit_init),
+                        ("init_llm", args.init_llm), ("init_vit", args.init_vit), ("init_from", args.init_from),
+                        ("freeze", args.freeze), ("stage", args.stage)):
         if value is not None:
             setattr(t, name, value)
     if args.compile:
@@ -101,6 +118,9 @@ def build_config(args) -> Config:
     if args.per_modality_attention:
         m.mot.shared_attention = False
     apply_overrides(cfg, args.set)
+    apply_stage(t)
+    if t.freeze:
+        parse_freeze(t.freeze)  # fail early on an unknown group
     validate(cfg.model)
     return cfg
 
@@ -139,7 +159,12 @@ def setup_distributed(device_arg):
 
 
 def micro_batch_sizes(t, world: int) -> tuple[int, int, int]:
-    """(gradient-accumulation steps, generation and understanding examples per rank per micro-step)."""
+    """(gradient-accumulation steps, generation and understanding examples per rank per micro-step).
+    batch_size 0 trains on understanding only (stage 1), in one micro-step."""
+    if t.batch_size == 0:
+        if t.und_batch_size % world:
+            raise ValueError(f"und_batch_size {t.und_batch_size} must split into {world} ranks")
+        return 1, 0, t.und_batch_size // world
     mb = t.micro_batch_size or t.batch_size // world
     if t.batch_size % (world * mb) or t.und_batch_size % (t.batch_size // mb):
         raise ValueError(f"batch_size {t.batch_size} must split into {world} ranks x micro-batches of {mb}, "
@@ -155,19 +180,27 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
     accum, mb, umb = micro_batch_sizes(t, world)
     ckpt_path = out_dir / "ckpt.pt"
 
-    # the model, its sampling EMA, the target maker (EMA encoder + codebook), the optimiser
+    # the model, the target maker (EMA encoder + codebook), the sampling EMA, the optimiser;
+    # a fresh run starts from random or pretrained weights (nanorf/stages.py), a resumed one from its own
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model)
-    if t.vit_init and not resume:  # before the EMA copies are made; a resumed run has its own weights
-        model.vit.load_state_dict(load_vit_weights(t.vit_init, cfg.model.vit))
+    if resume:
+        ck = load_checkpoint(ckpt_path)
+        if t.init_llm or t.init_vit:  # the model's shape came from those checkpoints when the run started
+            cfg.model = Config.from_dict(ck["config"]).model
+        check_model_config(ck, cfg, ckpt_path)
+        model = build_model(cfg.model)
+    else:
+        model = initial_model(cfg)
     model = model.to(device)
     needs_targets = cfg.model.rf or cfg.model.repa_weight
     targets = RepresentationTargets(cfg.model, model.vit).to(device) if needs_targets else None
+    if t.init_from and not resume:
+        load_weights_from(model, targets, t.init_from)
+    freeze(model, t.freeze)
     ema = ModelEMA(model, t.ema_decay)
     opt = model.configure_optimizer(t)
     step = 0
     if resume:
-        ck = load_checkpoint(ckpt_path, expect=cfg)
         model.load_state_dict(ck["model"])
         ema.model.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
@@ -199,9 +232,9 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
         sums = torch.zeros(3)  # lm, rep, fm of the global batch
         for micro in range(accum):
             start, ustart = (micro * world + rank) * mb, (micro * world + rank) * umb
-            gen = stream.gen_batch(step, range(start, start + mb), draws, device)
+            gen = stream.gen_batch(step, range(start, start + mb), draws, device) if mb else None
             und = stream.und_batch(step, range(ustart, ustart + umb), device)
-            if targets is not None:
+            if targets is not None and gen is not None:
                 targets.label(gen)  # the clean images' rep targets (and REPA's features)
             sync = ddp.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
             with sync, amp:

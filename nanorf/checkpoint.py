@@ -84,11 +84,16 @@ def load_checkpoint(path, expect: Config | None = None) -> dict:
     if not isinstance(ck, dict) or ck.get("format") != FORMAT or "config" not in ck:
         raise CheckpointError(f"{path} is not a nanorf checkpoint (format {FORMAT})")
     if expect is not None:
-        # through from_dict, so fields added to the config since the checkpoint count as their defaults
-        diffs = _diff(expect.to_dict()["model"], Config.from_dict(ck["config"]).to_dict()["model"], "model.")
-        if diffs:
-            raise CheckpointError(f"checkpoint {path} was trained with another model config: " + "; ".join(diffs[:3]))
+        check_model_config(ck, expect, path)
     return ck
+
+
+def check_model_config(ck: dict, expect: Config, path) -> None:
+    """A loaded checkpoint's model config must equal `expect`'s (one clear error line if not)."""
+    # through from_dict, so fields added to the config since the checkpoint count as their defaults
+    diffs = _diff(expect.to_dict()["model"], Config.from_dict(ck["config"]).to_dict()["model"], "model.")
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was trained with another model config: " + "; ".join(diffs[:3]))
 
 
 def load_model(path, device="cpu", ema: bool = True, ck: dict | None = None):

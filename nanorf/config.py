@@ -190,8 +190,13 @@ class TrainConfig:
     seed: int = 0
     compile: bool = False
     data: str = ""                 # "" = the shapes world; else an image-caption folder
-    vit_init: str = ""             # "" = random ViT; else weights from experiments.pretrain_vit (the paper: DINOv3)
-    num_workers: int = 0
+    vit_init: str = ""             # "" = random ViT; else weights from experiments.pretrain_vit (the toy's stand-in)
+    # where the weights start and what trains (nanorf/stages.py; the paper's stages)
+    init_llm: str = ""             # a Qwen3 checkpoint folder: decoder, embeddings, LM head, tokenizer
+    init_vit: str = ""             # an official DINOv3 checkpoint (.pth or Hugging Face): the encoder
+    init_from: str = ""            # another run's checkpoint: every weight, fresh optimiser and schedule
+    freeze: str = ""               # comma-separated groups with no gradient: vit, connector, llm, gen
+    stage: int = 0                 # 1: the paper's stage 1 (freeze vit,llm,gen; understanding only); 0, 2, 3: as set
     # Shapes-world prompt kinds drawn in training, weights in the order single, two, counting,
     # position, located (nanorf.shapes.KINDS): single is rare (18 captions, and its objects appear
     # in every other kind); counting and position ask the most planning.
@@ -302,12 +307,35 @@ def _qwen3_0p6b() -> Config:
     )
 
 
+def _paper_qwen3_30b(image_size: int = 256) -> Config:
+    # The paper's own model: Qwen3-30B-A3B's config.json (48 layers, hidden 2048, 32 query / 4
+    # key-value heads of 128, 128 routed experts of width 768, top-8 with normalised weights,
+    # rope_theta 1e6, untied LM head) and DINOv3 ViT-H+/16 (1280 wide, 32 blocks, 20 heads, SwiGLU
+    # ratio 6 -> 5120, 4 storage tokens, masked key bias). Real weights come from load_qwen3 /
+    # load_dinov3 (train.py --init-llm / --init-vit); this preset only gives the shapes.
+    return Config(
+        name=f"paper_qwen3_30b_{image_size}",
+        model=ModelConfig(
+            image_size=image_size, patch_size=16, max_text_len=256, tie_lm_head=False,
+            vit=ViTConfig(patch_size=16, dim=1280, depth=32, heads=20, mlp_ratio=6.0, ffn_layer="swiglu",
+                          n_storage_tokens=4, mask_k_bias=True),
+            vq=VQConfig(codebook_size=16384, tau=0.5, momentum=0.9999, pool=2),
+            mot=MoTConfig(dim=2048, depth=48, heads=32, n_kv_heads=4, head_dim=128, rope_base=1e6,
+                          n_routed_experts=128, top_k=8, norm_topk_prob=True, moe_hidden=768, aux_loss_coef=0.001),
+        ),
+        train=TrainConfig(batch_size=256, und_batch_size=128, lr=5e-5 if image_size <= 256 else 2.5e-5,
+                          warmup_steps=1000, max_steps=50000 if image_size <= 256 else 20000),
+    )
+
+
 PRESETS = {
     "toy": _toy,
     "small": _small,
     "paper256": lambda: _paper(256),
     "paper1024": lambda: _paper(1024),
     "qwen3_0p6b": _qwen3_0p6b,
+    "paper_qwen3_30b_256": lambda: _paper_qwen3_30b(256),
+    "paper_qwen3_30b_1024": lambda: _paper_qwen3_30b(1024),
 }
 
 

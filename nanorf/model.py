@@ -292,6 +292,8 @@ class RFModel(nn.Module):
         new = {id(p) for p in self.new_parameters()}
         groups = {}
         for p in self.parameters():
+            if not p.requires_grad:  # frozen (--freeze, --stage 1): no optimiser state at all
+                continue
             groups.setdefault((p.dim() >= 2, id(p) in new), []).append(p)
         param_groups = [{"params": ps, "weight_decay": t.weight_decay if decay else 0.0,
                          "lr_mult": t.new_param_lr_mult if is_new else 1.0} for (decay, is_new), ps in groups.items()]
@@ -413,13 +415,15 @@ class RFModel(nn.Module):
         per_example = ce.sum(1) / (tgt >= 0).sum(1).clamp_min(1)
         return per_example.mean()
 
-    def forward(self, gen: GenBatch, und: UndBatch | None = None) -> tuple[torch.Tensor, LossParts]:
-        """One training micro-batch -> (L = L_LM + L_Rep + L_FM, the parts detached). With a
-        routed-MoE decoder L also holds aux_loss_coef * L_aux over both passes' tokens (parts.aux)."""
+    def forward(self, gen: GenBatch | None, und: UndBatch | None = None) -> tuple[torch.Tensor, LossParts]:
+        """One training micro-batch -> (L = L_LM + L_Rep + L_FM, the parts detached); either batch
+        may be None (stage 1 trains on understanding alone). With a routed-MoE decoder L also holds
+        aux_loss_coef * L_aux over both passes' tokens (parts.aux)."""
         self._router_log = self.mot.router_log()
         try:
-            l_rep, l_fm = self.gen_loss(gen)
-            l_lm = self.und_loss(und) if und is not None else l_fm.new_zeros(())
+            zero = self.pix_head.weight.new_zeros(())
+            l_rep, l_fm = self.gen_loss(gen) if gen is not None else (zero, zero)
+            l_lm = self.und_loss(und) if und is not None else zero
             aux = self.mot.aux_loss(self._router_log)
         finally:
             self._router_log = None
