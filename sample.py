@@ -5,16 +5,17 @@
     python sample.py --ckpt out/toy/ckpt.pt --prompts-file prompts.txt --grid grid.png
     python sample.py --ckpt out/toy/ckpt.pt --image red.png --question "what color is the circle?"
 
-Images are written at the model's native resolution; `--rep-map` also writes the
-sampled representation-token map (one colour per code, upscaled to the image size)
-beside each image, so you can see what the model planned before it painted.
+Images are written at the model's native resolution; `--rep-map` also writes the sampled
+plan beside each image (NAME.rep.png): each representation token drawn as the mean image
+patch its code stood for in training (kept with the codebook in the checkpoint), so the plan
+reads as a coarse preview of the picture, and you can see what the model planned before it
+painted.
 Every output file is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output PNG for --prompt")
     p.add_argument("--out-dir", help="folder for --prompts-file: writes 0000.png, 0001.png, ...")
     p.add_argument("--grid", help="also (or only) write all images of --prompts-file as one PNG grid")
-    p.add_argument("--rep-map", action="store_true", help="also write NAME.rep.png, the sampled rep-token map")
+    p.add_argument("--rep-map", action="store_true",
+                   help="also write NAME.rep.png: the sampled plan, each rep token drawn as its code's mean patch")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the config's, 25)")
     p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver")
@@ -62,17 +64,16 @@ def fail(msg: str):
 
 def save_png(img: np.ndarray, path: Path):
     from PIL import Image
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(img).save(tmp)
-    os.replace(tmp, path)
+    from nanorf.checkpoint import atomic_path
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
 
 
-def rep_map(codes: torch.Tensor, size: int) -> np.ndarray:
-    """(N,) codes on a square grid -> (size, size, 3) uint8, one fixed colour per code id."""
-    g = int(round(codes.numel() ** 0.5))
-    palette = np.random.default_rng(0).integers(40, 256, size=(int(codes.max()) + 1, 3), dtype=np.uint8)
-    img = palette[codes.view(g, g).cpu().numpy()]                              # (g, g, 3)
-    return img.repeat(size // g, 0).repeat(size // g, 1)
+def rep_map(codes: torch.Tensor, code_patches: torch.Tensor) -> np.ndarray:
+    """(N,) sampled codes -> (H, W, 3) uint8: the plan drawn as each code's mean training patch."""
+    from nanorf.patches import tensor_to_images
+    from nanorf.sampler import draw_plan
+    return tensor_to_images(draw_plan(codes[None], code_patches))[0]
 
 
 def read_prompts(args) -> list[str]:
@@ -89,8 +90,8 @@ def read_prompts(args) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
-    from nanorf.checkpoint import CheckpointError, load_model
-    from nanorf.model import images_to_tensor, tensor_to_images
+    from nanorf.checkpoint import CheckpointError, load_checkpoint, load_model
+    from nanorf.patches import images_to_tensor, tensor_to_images
     from nanorf.sampler import answer, save_grid, text_to_image
     from nanorf.tokenizer import TokenizerError
 
@@ -103,9 +104,11 @@ def main(argv=None):
             fail(f"output folder {Path(out).parent} does not exist")
     prompts = None if args.image else read_prompts(args)
     try:
-        model, cfg, step = load_model(args.ckpt, args.device, ema=not args.raw)
+        ck = load_checkpoint(args.ckpt)
+        model, cfg, step = load_model(args.ckpt, args.device, ema=not args.raw, ck=ck)
     except CheckpointError as e:
         fail(str(e))
+    code_patches = (ck.get("targets") or {}).get("code_patches")  # None: no discrete codes to draw
     gen = torch.Generator().manual_seed(args.seed)
 
     if args.image:
@@ -151,8 +154,8 @@ def main(argv=None):
         outs = []
     for img, c, path in zip(images, codes, outs):
         save_png(img, path)
-        if args.rep_map and c is not None and c.dtype == torch.long:  # continuous targets have no ids to map
-            save_png(rep_map(c, cfg.model.image_size), path.with_suffix(".rep.png"))
+        if args.rep_map and code_patches is not None:  # pixel-only and continuous targets have no codes
+            save_png(rep_map(c, code_patches), path.with_suffix(".rep.png"))
     if args.grid:
         save_grid(images, args.grid, scale=max(1, 128 // cfg.model.image_size))
     where = args.out or args.out_dir or args.grid

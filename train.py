@@ -45,12 +45,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanorf.checkpoint import (CheckpointError, atomic_path, checkpoint_state, load_checkpoint, load_vit_weights,
-                               nonfinite, remove_stale_temps, write_checkpoint)
+from nanorf.checkpoint import (CheckpointError, atomic_path, check_model_config, checkpoint_state, load_checkpoint,
+                               load_vit_weights, nonfinite, remove_stale_temps, write_checkpoint)
 from nanorf.config import PRESETS, Config, apply_overrides, get_config
 from nanorf.data import DataError, ImageCaptionFolder
-from nanorf.model import RFModel, RepresentationTargets, validate
+from nanorf.model import RFModel, validate
+from nanorf.stages import apply_stage, freeze, initial_model, load_weights_from, parse_freeze
 from nanorf.stream import Stream
+from nanorf.targets import RepresentationTargets
 from nanorf.variants import build_model
 
 
@@ -70,6 +72,18 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="image folder with captions.jsonl instead of the shapes world")
     p.add_argument("--vit-init", default=None,
                    help="start the ViT from weights written by experiments.pretrain_vit (a pretrained encoder, as the paper's DINOv3)")
+    p.add_argument("--init-llm", default=None, metavar="QWEN3_DIR",
+                   help="start the decoder, embeddings, LM head and tokenizer from a local Qwen3 checkpoint folder")
+    p.add_argument("--init-vit", default=None, metavar="DINOV3",
+                   help="start the encoder from a local official DINOv3 checkpoint (.pth or Hugging Face)")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from every weight of another run's checkpoint, with a fresh optimiser and "
+                        "schedule, in this run's config (stage 1 -> 2 -> 3; the rep position table is resized)")
+    p.add_argument("--freeze", default=None, metavar="GROUPS",
+                   help="comma-separated groups that do not train: vit, connector, llm, gen")
+    p.add_argument("--stage", type=int, default=None, choices=(1, 2, 3),
+                   help="the paper's stages: 1 = only the connector trains, on understanding data "
+                        "(--freeze vit,llm,gen, no generation examples); 2 and 3 train everything")
     p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
                    help="continue from <out-dir>/ckpt.pt exactly (an error if there is none); "
                         "--resume auto: continue if it exists, else start fresh (for torchrun --max-restarts)")
@@ -95,11 +109,14 @@ def parse_args(argv=None):
 
 def build_config(args) -> Config:
     cfg = get_config(args.config)
+    if args.init_from:  # the model is that run's, with this command line's changes (e.g. a new image size)
+        cfg.model = Config.from_dict(load_checkpoint(args.init_from)["config"]).model
     t, m = cfg.train, cfg.model
     for name, value in (("max_steps", args.max_steps), ("seed", args.seed), ("batch_size", args.batch_size),
                         ("micro_batch_size", args.micro_batch_size), ("lr", args.lr),
                         ("data", args.data), ("eval_per_kind", args.eval_per_kind), ("vit_init", args.vit_init),
-                        ("keep", args.keep)):
+                        ("init_llm", args.init_llm), ("init_vit", args.init_vit), ("init_from", args.init_from),
+                        ("freeze", args.freeze), ("stage", args.stage), ("keep", args.keep)):
         if value is not None:
             setattr(t, name, value)
     if args.compile:
@@ -113,6 +130,9 @@ def build_config(args) -> Config:
     if args.per_modality_attention:
         m.mot.shared_attention = False
     apply_overrides(cfg, args.set)
+    apply_stage(t)
+    if t.freeze:
+        parse_freeze(t.freeze)  # fail early on an unknown group
     validate(cfg.model)
     return cfg
 
@@ -159,7 +179,12 @@ def setup_distributed(device_arg):
 
 
 def micro_batch_sizes(t, world: int) -> tuple[int, int, int]:
-    """(gradient-accumulation steps, generation and understanding examples per rank per micro-step)."""
+    """(gradient-accumulation steps, generation and understanding examples per rank per micro-step).
+    batch_size 0 trains on understanding only (stage 1), in one micro-step."""
+    if t.batch_size == 0:
+        if t.und_batch_size % world:
+            raise ValueError(f"und_batch_size {t.und_batch_size} must split into {world} ranks")
+        return 1, 0, t.und_batch_size // world
     mb = t.micro_batch_size or t.batch_size // world
     if t.batch_size % (world * mb) or t.und_batch_size % (t.batch_size // mb):
         raise ValueError(f"batch_size {t.batch_size} must split into {world} ranks x micro-batches of {mb}, "
@@ -173,13 +198,13 @@ class RunStopped(RuntimeError):
     checkpoint is left as it was."""
 
 
-LOSS_PARTS = ("lm", "rep", "fm")
+LOSS_PARTS = ("lm", "rep", "fm", "aux")  # aux: a routed-MoE decoder's load-balancing loss, else 0
 
 
 @dataclass
 class StepVerdict:
     """What every rank knows after a step's one all-reduce, so all take the same decision."""
-    losses: torch.Tensor       # (3,) lm, rep, fm of the global batch (NaN where a part was not finite)
+    losses: torch.Tensor       # (4,) LOSS_PARTS of the global batch (NaN where a part was not finite)
     bad: list[str]             # the parts that were not finite, of LOSS_PARTS and "grad_norm"
     bad_gen: list[int]         # global-batch positions of micro-batches whose loss was not finite
     bad_und: list[int]
@@ -196,14 +221,14 @@ def agree_on_step(sums, bad_slots, n_gen: int, gnorm, n_fresh: int, world: int, 
     where this rank's micro-batch of that example had a non-finite loss."""
     B = bad_slots.numel()
     flags = torch.cat([(~torch.isfinite(sums)).float(), (~torch.isfinite(gnorm.detach().float().cpu())).float().view(1)])
-    vec = torch.cat([sums, flags, bad_slots, torch.tensor([float(n_fresh)])])  # (3 + 4 + B_gen + B_und + 1,)
+    vec = torch.cat([sums, flags, bad_slots, torch.tensor([float(n_fresh)])])  # (4 + 5 + B_gen + B_und + 1,)
     if world > 1:
         red = vec.to(device)
         dist.all_reduce(red)
         vec = red.cpu()
-        vec[:3] /= world  # the global batch's mean losses, not rank 0's share
-    flags, slots = vec[3:7] > 0, vec[7:7 + B] > 0
-    return StepVerdict(losses=vec[:3], bad=[n for n, f in zip((*LOSS_PARTS, "grad_norm"), flags) if f],
+        vec[:4] /= world  # the global batch's mean losses, not rank 0's share
+    flags, slots = vec[4:9] > 0, vec[9:9 + B] > 0
+    return StepVerdict(losses=vec[:4], bad=[n for n, f in zip((*LOSS_PARTS, "grad_norm"), flags) if f],
                        bad_gen=slots[:n_gen].nonzero().flatten().tolist(),
                        bad_und=slots[n_gen:].nonzero().flatten().tolist(), fresh_bad_items=int(vec[-1]))
 
@@ -306,13 +331,13 @@ class RunLog:
         if due or "skipped" in rec:
             self.write(rec)
         if self.bar:
-            self.bar.set_postfix({k: rec[k] for k in LOSS_PARTS}, refresh=False)
+            self.bar.set_postfix({k: rec[k] for k in LOSS_PARTS[:3]}, refresh=False)
             self.bar.update(1)
         elif due:
             now = time.time()
             sec = (now - self.mark[1]) / max(1, step - self.mark[0])
             self.mark = (step, now)
-            losses = " ".join(f"{k} {rec[k]:.3f}" if rec[k] is not None else f"{k} nan" for k in LOSS_PARTS)
+            losses = " ".join(f"{k} {rec[k]:.3f}" if rec[k] is not None else f"{k} nan" for k in LOSS_PARTS[:3])
             codes = f" | codes {rec['codes_used']}/{self.K}" if "codes_used" in rec else ""
             self.log(f"step {step}/{t.max_steps} | {losses}{codes} | {sec:.2f} s/step | eta {hms(sec * (t.max_steps - step))}")
 
@@ -326,7 +351,7 @@ def step_record(step: int, v: StepVerdict, gnorm, lr: float, t0: float, targets,
     """The log.jsonl record of a step: losses, grad norm, lr, time, codebook usage; for a skipped
     step, which parts went bad and the items of the micro-batches that made them."""
     finite = lambda x: round(float(x), 4) if math.isfinite(float(x)) else None  # noqa: E731 (JSON has no NaN)
-    rec = {"step": step, **{k: finite(x) for k, x in zip(LOSS_PARTS, v.losses)},
+    rec = {"step": step, **{k: finite(x) for k, x in zip(LOSS_PARTS[:3], v.losses)},
            "grad_norm": finite(gnorm), "lr": lr, "time": round(time.time() - t0, 1)}
     if v.ok and targets is not None and targets.vq is not None:
         rec.update(codes_used=int(targets.vq.last_usage), code_perplexity=round(float(targets.vq.last_perplexity), 1))
@@ -346,19 +371,27 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
     accum, mb, umb = micro_batch_sizes(t, world)
     ckpt_path = out_dir / "ckpt.pt"
 
-    # the model, its sampling EMA, the target maker (EMA encoder + codebook), the optimiser
+    # the model, the target maker (EMA encoder + codebook), the sampling EMA, the optimiser;
+    # a fresh run starts from random or pretrained weights (nanorf/stages.py), a resumed one from its own
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model)
-    if t.vit_init and not resume:  # before the EMA copies are made; a resumed run has its own weights
-        model.vit.load_state_dict(load_vit_weights(t.vit_init, cfg.model.vit))
+    if resume:
+        ck = load_checkpoint(ckpt_path)
+        if t.init_llm or t.init_vit:  # the model's shape came from those checkpoints when the run started
+            cfg.model = Config.from_dict(ck["config"]).model
+        check_model_config(ck, cfg, ckpt_path)
+        model = build_model(cfg.model)
+    else:
+        model = initial_model(cfg)
     model = model.to(device)
     needs_targets = cfg.model.rf or cfg.model.repa_weight
     targets = RepresentationTargets(cfg.model, model.vit).to(device) if needs_targets else None
+    if t.init_from and not resume:
+        load_weights_from(model, targets, t.init_from)
+    freeze(model, t.freeze)
     ema = ModelEMA(model, t.ema_decay)
     opt = model.configure_optimizer(t)
     step = 0
     if resume:
-        ck = load_checkpoint(ckpt_path, expect=cfg)
         model.load_state_dict(ck["model"])
         ema.model.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
@@ -392,22 +425,23 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
             # The online codebook updates inside every training forward (per micro-step, as
             # docs/method.md "Representation targets and online VQ" describes). Deferring those
             # updates until the step is known to be finite would change what later micro-steps
-            # see; instead we copy the codebook (one K x D tensor) and put it back if the step is
-            # skipped. A good step runs exactly as before, so resume and DDP equality still hold.
+            # see; instead we copy the codebook (K x D, and the K mean patches of --rep-map) and put
+            # it back if the step is skipped. A good step runs exactly as before, so resume and DDP equality still hold.
             codebook = targets.snapshot() if targets is not None else None
-            sums = torch.zeros(3)  # lm, rep, fm of this rank's share of the batch
+            sums = torch.zeros(4)  # lm, rep, fm, aux (MoE only) of this rank's share of the batch
             bad_slots = torch.zeros(t.batch_size + t.und_batch_size)  # examples of non-finite micro-batches
             for micro in range(accum):
                 start, ustart = (micro * world + rank) * mb, (micro * world + rank) * umb
-                gen = stream.gen_batch(step, range(start, start + mb), draws, device)
+                gen = stream.gen_batch(step, range(start, start + mb), draws, device) if mb else None
                 und = stream.und_batch(step, range(ustart, ustart + umb), device)
-                if targets is not None:
+                if targets is not None and gen is not None:
                     targets.label(gen)  # the clean images' rep targets (and REPA's features)
                 sync = ddp.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
                 with sync, amp:
                     loss, parts = ddp(gen, und)
                     (loss / accum).backward()
-                part = torch.stack([parts.lm, parts.rep, parts.fm]).float().cpu()
+                part = torch.stack([parts.lm, parts.rep, parts.fm, parts.aux if parts.aux is not None
+                                    else parts.lm.new_zeros(())]).float().cpu()
                 sums += part / accum
                 if not torch.isfinite(part).all():
                     bad_slots[start:start + mb] = 1

@@ -6,11 +6,14 @@
 
 Each variant x seed is one `train.py` run in its own process (so every run has the
 machine to itself and its wall-clock is honest), then `nanorf.eval` scores it on the
-same held-out prompts and images. A run whose checkpoint already reached the budget is
-reused, and so is its score when it is newer than the checkpoint and used the same --n,
-so an interrupted ablation picks up where it stopped. Writes
-<out-dir>/results.md (the table, mean +- spread over seeds), results.json, and
-grid.png (the same prompts, one row per variant, seed 0).
+same held-out prompts and images: strict accuracy per prompt kind (GenEval's rules, nothing
+extra allowed), the overall mean, GenEval's lenient overall and the extra objects per image
+beside it, and understanding per question kind. A run whose checkpoint already reached the
+budget is reused, and so is its score when it is newer than the checkpoint and used the same
+--n-per-kind, so an interrupted ablation picks up where it stopped. Writes
+<out-dir>/results.md (the table, mean +- half the range over seeds, and RF's gain over
+pixel-only), results.json, and grid.png (the same counting, two-object and position prompts,
+one row per variant, seed 0).
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ VARIANTS = {
 }
 # the paper's numbers beside ours (Table 3a-c, pixel space, GenEval overall)
 PAPER = {"rf": 0.76, "no-rf": 0.25, "repa": 0.43, "continuous": 0.26}
-GEN_KEYS = ("single", "two", "colors", "position", "color_attr", "overall", "object", "exact")
-UND_KEYS = ("color", "shape", "position", "caption")
+GEN_KEYS = ("single", "two", "counting", "position", "located", "overall", "lenient_overall", "extras")
+UND_KEYS = ("describe", "count", "where", "shape", "color")
 
 
 def run(cmd, log):
@@ -49,7 +52,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds per variant")
     p.add_argument("--max-steps", type=int, default=None, help="steps per run (default: the preset's)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="variants to run")
-    p.add_argument("--n", type=int, default=64, help="held-out prompts and images to score")
+    p.add_argument("--n-per-kind", type=int, default=50,
+                   help="held-out prompts per prompt kind to score (and twice as many images for understanding)")
     p.add_argument("--out-dir", default="out/ablate", help="where runs, table and grid go")
     p.add_argument("--vit-init", default=None,
                    help="every run starts its ViT from these weights (experiments.pretrain_vit; the paper's DINOv3)")
@@ -82,15 +86,18 @@ def main(argv=None):
                 wall = float((d / "wall.txt").read_text())
             ev = d / "eval.json"
             fresh = (ev.exists() and ev.stat().st_mtime >= ck.stat().st_mtime
-                     and json.loads(ev.read_text())["generation"]["n"] == args.n)
-            if not fresh:  # a score of this very checkpoint at this --n is reused too
-                run([sys.executable, "-m", "nanorf.eval", "--ckpt", str(ck), "--n", str(args.n), "--json", str(ev)],
-                    out / f"{v}-s{seed}.eval.log")
+                     and json.loads(ev.read_text()).get("n_per_kind") == args.n_per_kind)
+            if not fresh:  # a score of this very checkpoint at this --n-per-kind is reused too
+                run([sys.executable, "-m", "nanorf.eval", "--ckpt", str(ck), "--n-per-kind", str(args.n_per_kind),
+                     "--n-images", str(2 * args.n_per_kind), "--json", str(ev)], out / f"{v}-s{seed}.eval.log")
+                r = json.loads(ev.read_text())
+                ev.write_text(json.dumps({**r, "n_per_kind": args.n_per_kind}))
             r = json.loads(ev.read_text())
             r["wall_s"] = wall
             results[(v, seed)] = r
-            print(f"{v} seed {seed}: object {r['generation']['object']:.3f}, overall {r['generation']['overall']:.3f}"
-                  + (f", {wall:.0f}s" if wall else ""), flush=True)
+            g = r["generation"]
+            print(f"{v} seed {seed}: strict overall {g['overall']:.3f}, lenient {g['lenient_overall']:.3f}, "
+                  f"extras {g['extras']:.2f}" + (f", {wall:.0f}s" if wall else ""), flush=True)
     write_table(results, args, steps, out)
     write_grid(args, out)
 
@@ -99,8 +106,9 @@ def write_table(results, args, steps, out: Path):
     def cell(v, group, key):
         xs = [results[(v, s)][group][key] for s in args.seeds]
         return f"{np.mean(xs):.3f} ± {(max(xs) - min(xs)) / 2:.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
-    lines = [f"Shapes world, `{args.config}` preset, {steps} steps, seeds {args.seeds}, {args.n} held-out prompts "
-             f"and images; mean ± half the range over seeds"
+    lines = [f"Shapes world v2, `{args.config}` preset, {steps} steps, seeds {args.seeds}, {args.n_per_kind} held-out "
+             f"prompts per kind and {2 * args.n_per_kind} held-out images; strict accuracy per kind (extras per image: "
+             f"mean count); mean ± half the range over seeds"
              + (f"; every ViT starts from `{args.vit_init}`." if args.vit_init else "."), "",
              "| variant | paper GenEval (Table 3) | " + " | ".join(GEN_KEYS) + " | wall-clock per run |",
              "|---|---|" + "---|" * (len(GEN_KEYS) + 1)]
@@ -109,6 +117,11 @@ def write_table(results, args, steps, out: Path):
         wall = f"{np.mean(walls) / 60:.1f} min" if walls else "n/a"
         lines.append(f"| {v} | {PAPER[v]:.2f} | " + " | ".join(cell(v, "generation", k) for k in GEN_KEYS)
                      + f" | {wall} |")
+    if "rf" in args.variants and "no-rf" in args.variants:
+        gap = [results[("rf", s)]["generation"]["overall"] - results[("no-rf", s)]["generation"]["overall"]
+               for s in args.seeds]
+        lines += ["", f"RF − pixel-only, strict overall, per seed: {', '.join(f'{g:+.3f}' for g in gap)} "
+                      f"(mean {np.mean(gap):+.3f})"]
     lines += ["", "| variant (understanding, exact match) | " + " | ".join(UND_KEYS) + " |",
               "|---|" + "---|" * len(UND_KEYS)]
     for v in args.variants:
@@ -119,16 +132,18 @@ def write_table(results, args, steps, out: Path):
 
 
 def write_grid(args, out: Path):
-    """Seed-0 checkpoints of each variant on the same 8 held-out prompts, one row each."""
+    """Seed-0 checkpoints of each variant on the same held-out prompts (3 counting, 3 two-object,
+    2 position), one row each."""
     import torch
     from nanorf.checkpoint import load_model
     from nanorf.data import held_out_prompts
-    from nanorf.model import tensor_to_images
+    from nanorf.patches import tensor_to_images
     from nanorf.sampler import save_grid, text_to_image
     rows, prompts = [], None
     for v in args.variants:
         model, cfg, _ = load_model(out / f"{v}-s{args.seeds[0]}" / "ckpt.pt")
-        prompts = prompts or [p.text for p in held_out_prompts(2)][:8]
+        prompts = prompts or ([p.text for p in held_out_prompts(3, kinds=("counting", "two"))]
+                              + [p.text for p in held_out_prompts(2, kinds=("position",))])
         x, _ = text_to_image(model, prompts, torch.Generator().manual_seed(0))
         rows += tensor_to_images(x)
     save_grid(rows, out / "grid.png", ncol=len(prompts), scale=4)

@@ -17,7 +17,8 @@ import time
 import torch
 
 from nanorf.config import apply_overrides, get_config
-from nanorf.model import RFModel, RepresentationTargets
+from nanorf.model import RFModel
+from nanorf.targets import RepresentationTargets
 from nanorf.mot import PIX
 from nanorf.stream import Stream
 from nanorf.sampler import prefill, sample_rep_tokens, settings_for, step_tokens, text_to_image

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from nanorf.checkpoint import save_vit_weights
 from nanorf.config import PRESETS, ViTConfig, get_config
 from nanorf.data import COLORS, SHAPES, ShapesWorld, palette_index
-from nanorf.model import images_to_tensor
+from nanorf.patches import images_to_tensor
 from nanorf.vit import ViT
 
 N_CLASSES = 1 + len(COLORS) * len(SHAPES)

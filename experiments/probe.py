@@ -9,10 +9,17 @@ block follows the plan. When a checkpoint falls short, this says which half fail
                 (exp of the entropy of the code histogram), for real images and for the
                 sampled rep tokens.
   plan alone    how often the sampled rep tokens by themselves already get the layout
-                right. Each code is drawn as the mean image patch it covers over 2,048
-                training images; the resulting mosaic is scored like any sample. "real"
-                draws the held-out image's own codes the same way: the most that this
-                rendering of codes can show.
+                right. Each code is drawn as the mean image patch it stood for in training
+                (kept with the codebook; sample.py --rep-map draws plans the same way), and
+                the mosaic is scored like any sample. "real" draws the held-out image's own
+                codes the same way: the most that this rendering of codes can show.
+  plan-swap     does the plan decide the picture? For held-out prompts that leave the cells
+                open (single, two, counting, position), a real image of a scene that fits
+                the prompt is drawn; the pixel block paints from the prompt and that image's
+                rep tokens, and `plan_following` is the fraction of the scene's objects drawn
+                in that image's cells (its colour and shape in its cell). The baseline paints
+                the same prompts with the plan hidden (cfg_mode "norep"): what a picture that
+                ignores the plan scores by chance. RF's claim is plan-following near 1.
   pixels given  the pixel block's samples, scored, when it is given (a) its own sampled
                 rep tokens, as in normal sampling; (b) none: the rep sequence hidden from
                 the pixel block in both CFG branches (cfg_mode "norep"); (c) the codes of
@@ -30,15 +37,18 @@ import argparse
 import json
 import random
 import sys
+from dataclasses import replace
 
 import torch
 
-from nanorf.data import KINDS, ShapesWorld, draw_scene, held_out_prompts, render
-from nanorf.eval import score_images
-from nanorf.model import RepresentationTargets, images_to_tensor, patchify, tensor_to_images, unpatchify
-from nanorf.sampler import sample_pixels, text_to_image
+from nanorf.data import KINDS, draw_scene, held_out_prompts, render
+from nanorf.eval import detect, score_images
+from nanorf.patches import images_to_tensor, tensor_to_images
+from nanorf.sampler import draw_plan, sample_pixels, text_to_image
+from nanorf.targets import RepresentationTargets
 from nanorf.vq import codebook_stats
 
+OPEN_KINDS = ("single", "two", "counting", "position")   # the kinds whose prompts leave the cells open
 KEYS = ("single", "two", "counting", "position", "located", "overall", "lenient_overall", "extras")
 
 
@@ -49,29 +59,37 @@ def usage(codes: torch.Tensor, K: int) -> dict:
 
 
 @torch.no_grad()
-def code_patches(targets: RepresentationTargets, size: int, rep_grid: int, n: int = 2048) -> torch.Tensor:
-    """(K, s*s*3) mean image patch (in [-1, 1], model.patchify's layout) under each code,
-    s = size / rep_grid, over n training images; codes never used stay black (-1)."""
-    world, s, K = ShapesWorld(size, seed=0), size // rep_grid, targets.cfg.vq.codebook_size
-    total, count = torch.zeros(K, s * s * 3), torch.zeros(K)
-    for i in range(0, n, 256):
-        x = images_to_tensor([world[j]["image"] for j in range(i, min(n, i + 256))])
-        codes = targets(x, update=False).flatten()                               # (B*N,)
-        total.index_add_(0, codes, patchify(x, s).flatten(0, 1))                 # tiles (B*N, s*s*3)
-        count += torch.bincount(codes, minlength=K).float()
-    out = torch.full((K, s * s * 3), -1.0)
-    seen = count > 0
-    out[seen] = total[seen] / count[seen, None]
-    return out
-
-
-def mosaic(codes: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-    """(B, N) ids on a g x g grid -> (B, 3, g*s, g*s) images of the codes' mean patches."""
-    g, s = int(round(codes.shape[1] ** 0.5)), int(round((patches.shape[1] // 3) ** 0.5))
-    return unpatchify(patches[codes], s, g, g)
+def plan_following(images, scenes) -> float:
+    """Fraction of the scenes' objects that the images draw in the same cell with the same
+    colour and shape (each detection matched at most once)."""
+    hit = total = 0
+    for img, scene in zip(images, scenes):
+        found = [(d.color, d.shape, d.position) for d in detect(img)]
+        for o in scene.objects:
+            total += 1
+            if (o.color, o.shape, o.position) in found:
+                found.remove((o.color, o.shape, o.position))
+                hit += 1
+    return hit / max(1, total)
 
 
 @torch.no_grad()
+def plan_swap(model, targets: RepresentationTargets, n: int = 64, seed: int = 0) -> dict:
+    """Paint held-out open-cell prompts from a real fitting image's plan, and with no plan."""
+    cfg = model.cfg
+    held = [p for p in held_out_prompts(-(-n // len(OPEN_KINDS)), kinds=OPEN_KINDS)][:n]
+    rng = random.Random(4321)
+    scenes = [draw_scene(p, rng) for p in held]
+    real = images_to_tensor([render(s, cfg.image_size, rng) for s in scenes])
+    plan = targets(real, update=False)                                            # (B, N) the real images' codes
+    ids = [model.tok.encode(p.text, cfg.max_text_len) for p in held]
+    out = {"n": len(held)}
+    for name, mode in (("with_real_plan", cfg.sample.cfg_mode), ("no_plan", "norep")):
+        x = sample_pixels(model, ids, plan, replace(cfg.sample, cfg_mode=mode), torch.Generator().manual_seed(seed))
+        out[f"plan_following_{name}"] = round(plan_following(tensor_to_images(x), scenes), 4)
+    return out
+
+
 def probe(model, targets: RepresentationTargets | None, n: int = 64, seed: int = 0) -> dict:
     cfg = model.cfg
     held = held_out_prompts(-(-n // len(KINDS)))               # nanorf.eval's prompts, whole rounds of kinds
@@ -93,9 +111,10 @@ def probe(model, targets: RepresentationTargets | None, n: int = 64, seed: int =
     if targets.vq is not None:
         K = cfg.vq.codebook_size
         out["codebook_real"], out["codebook_sampled"] = usage(true, K), usage(codes, K)
-        patches = code_patches(targets, cfg.image_size, cfg.rep_grid)
-        out["plan_alone_sampled"] = score(mosaic(codes, patches))
-        out["plan_alone_real"] = score(mosaic(true, patches))
+        patches = targets.code_patches                                            # (K, s*s*3) mean patch per code
+        out["plan_alone_sampled"] = score(draw_plan(codes, patches))
+        out["plan_alone_real"] = score(draw_plan(true, patches))
+    out["plan_swap"] = plan_swap(model, targets, n, seed)
     return out
 
 
@@ -131,6 +150,10 @@ def main(argv=None):
         if name in r:
             print(f"{name}: {r[name]['codes_used']} of {cfg.model.vq.codebook_size} codes, "
                   f"perplexity {r[name]['perplexity']:.1f}")
+    if "plan_swap" in r:
+        ps = r["plan_swap"]
+        print(f"plan-swap on {ps['n']} open-cell prompts: objects drawn in the real plan's cells "
+              f"{ps['plan_following_with_real_plan']:.3f} with its plan, {ps['plan_following_no_plan']:.3f} with none")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ckpt": args.ckpt, "step": step, **r}, f, indent=1)

@@ -1,7 +1,17 @@
-"""Pictures of the method, drawn by the code itself: the attention mask of both sequences.
+"""Pictures of the method, drawn by the code itself.
 
     python -m experiments.viz --mask docs/mask.png
+    python -m experiments.viz --plans docs/plans.png --ckpt out/toy/ckpt.pt [--prompt "three red circles"]
+    python -m experiments.viz --plan-swap docs/plan_swap.png --ckpt out/toy/ckpt.pt
 
+--plans: one prompt, four sampling seeds; top row the sampled plan (each representation token
+drawn as its code's mean training patch), bottom row the picture painted from it. Different
+seeds give different plans, and each picture follows its plan.
+--plan-swap: held-out prompts that leave the cells open, one per row: a real image of a scene
+that fits the prompt, its plan (the EMA encoder's codes, drawn the same way), the picture the
+model paints from the prompt and that plan, and the picture it paints with the plan hidden.
+
+The mask panel:
 Rows are queries, columns keys; a filled cell means "may attend". Cells are coloured
 by the key's expert (grey: understanding, orange: representation, blue: pixel), and
 the strip along the top and left shows each token's type. The generation sequence
@@ -14,9 +24,13 @@ import argparse
 
 import numpy as np
 
+import torch
+
 from nanorf.config import get_config
 from nanorf.model import RFModel
+from nanorf.patches import images_to_tensor, tensor_to_images
 from nanorf.mot import PAD, PIX, REP, UND
+from nanorf.targets import RepresentationTargets
 
 COLOURS = {UND: (120, 120, 120), REP: (235, 140, 30), PIX: (40, 110, 230), PAD: (225, 225, 225)}
 
@@ -47,7 +61,6 @@ def draw_masks(path: str):
     cfg2 = get_config("toy").model
     cfg2.image_size, cfg2.vit.patch_size = 16, 8                     # 2x2 = 4 ViT tokens
     und = RFModel(cfg2).und_layout([[ord(c) for c in "what? "]], [[ord(c) for c in "a cat"]])
-    import torch
     panels = []
     for lay, drop in ((gen, False), (gen, True), (und, False)):
         m = lay.mask(torch.tensor([drop]))[0, 0].numpy()
@@ -61,10 +74,68 @@ def draw_masks(path: str):
         (sum(p.shape[1] for p in panels) * 2 + 64, h * 2), Image.NEAREST).save(path)
 
 
+def load(ckpt: str):
+    """The checkpoint's EMA model and its target maker (EMA encoder, codebook, code patches)."""
+    from nanorf.checkpoint import load_checkpoint, load_model
+    ck = load_checkpoint(ckpt)
+    model, cfg, _ = load_model(ckpt, ck=ck)
+    if ck.get("targets") is None or "code_patches" not in ck["targets"]:
+        raise SystemExit("experiments.viz: error: this checkpoint has no discrete rep tokens to draw")
+    targets = RepresentationTargets(cfg.model, model.vit).eval()
+    targets.load_state_dict(ck["targets"])
+    return model, targets
+
+
+@torch.no_grad()
+def draw_plans(path: str, ckpt: str, prompt: str, seeds=(0, 1, 2, 3)):
+    from nanorf.sampler import draw_plan, save_grid, text_to_image
+    model, targets = load(ckpt)
+    plans, pictures = [], []
+    for seed in seeds:
+        x, codes = text_to_image(model, [prompt], torch.Generator().manual_seed(seed))
+        plans += tensor_to_images(draw_plan(codes, targets.code_patches))
+        pictures += tensor_to_images(x)
+    save_grid(plans + pictures, path, ncol=len(seeds), scale=max(1, 128 // model.cfg.image_size))
+
+
+@torch.no_grad()
+def draw_plan_swap(path: str, ckpt: str, n: int = 4, seed: int = 0):
+    import random
+    from dataclasses import replace
+    from nanorf.data import draw_scene, held_out_prompts, render
+    from nanorf.sampler import draw_plan, sample_pixels, save_grid
+    model, targets = load(ckpt)
+    cfg = model.cfg
+    held = held_out_prompts(1, kinds=("counting", "two", "position", "single"))[:n]
+    rng = random.Random(seed)
+    real = images_to_tensor([render(draw_scene(p, rng), cfg.image_size, rng) for p in held])
+    plan = targets(real, update=False)
+    ids = [model.tok.encode(p.text, cfg.max_text_len) for p in held]
+    painted = sample_pixels(model, ids, plan, cfg.sample, torch.Generator().manual_seed(seed))
+    blind = sample_pixels(model, ids, plan, replace(cfg.sample, cfg_mode="norep"), torch.Generator().manual_seed(seed))
+    cols = [tensor_to_images(t) for t in (real, draw_plan(plan, targets.code_patches), painted, blind)]
+    save_grid([im for row in zip(*cols) for im in row], path, ncol=4, scale=max(1, 128 // cfg.image_size))
+    print("rows: " + "; ".join(p.text for p in held) + "\ncolumns: real image, its plan, painted from that plan, "
+          "painted with the plan hidden")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Draw nanorf's attention masks.")
-    p.add_argument("--mask", required=True, help="output PNG: generation, generation with rep dropped, understanding")
-    draw_masks(p.parse_args(argv).mask)
+    p = argparse.ArgumentParser(description="Draw pictures of the method.")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--mask", help="output PNG: generation, generation with rep dropped, understanding")
+    out.add_argument("--plans", help="output PNG: four seeds' plans (top) and pictures (bottom) for --prompt")
+    out.add_argument("--plan-swap", help="output PNG: real image, its plan, painted from it, painted without a plan")
+    p.add_argument("--ckpt", help="checkpoint for --plans and --plan-swap")
+    p.add_argument("--prompt", default="three red circles", help="the prompt of --plans")
+    args = p.parse_args(argv)
+    if args.mask:
+        return draw_masks(args.mask)
+    if not args.ckpt:
+        p.error("--plans and --plan-swap need --ckpt")
+    if args.plans:
+        draw_plans(args.plans, args.ckpt, args.prompt)
+    else:
+        draw_plan_swap(args.plan_swap, args.ckpt)
 
 
 if __name__ == "__main__":

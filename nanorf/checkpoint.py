@@ -178,17 +178,23 @@ def load_checkpoint(path, expect: Config | None = None) -> dict:
     if not isinstance(ck, dict) or ck.get("format") != FORMAT or "config" not in ck:
         raise CheckpointError(f"{path} is not a nanorf checkpoint (format {FORMAT})")
     if expect is not None:
-        # through from_dict, so fields added to the config since the checkpoint count as their defaults
-        diffs = _diff(expect.to_dict()["model"], Config.from_dict(ck["config"]).to_dict()["model"], "model.")
-        if diffs:
-            raise CheckpointError(f"checkpoint {path} was trained with another model config: " + "; ".join(diffs[:3]))
+        check_model_config(ck, expect, path)
     return ck
 
 
-def load_model(path, device="cpu", ema: bool = True):
-    """(RFModel with the EMA weights (or the raw ones), Config, step) for sampling."""
+def check_model_config(ck: dict, expect: Config, path) -> None:
+    """A loaded checkpoint's model config must equal `expect`'s (one clear error line if not)."""
+    # through from_dict, so fields added to the config since the checkpoint count as their defaults
+    diffs = _diff(expect.to_dict()["model"], Config.from_dict(ck["config"]).to_dict()["model"], "model.")
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was trained with another model config: " + "; ".join(diffs[:3]))
+
+
+def load_model(path, device="cpu", ema: bool = True, ck: dict | None = None):
+    """(RFModel with the EMA weights (or the raw ones), Config, step) for sampling; `ck`: the
+    checkpoint already loaded from `path`, to read it once."""
     from .variants import build_model
-    ck = load_checkpoint(path)
+    ck = ck or load_checkpoint(path)
     cfg = Config.from_dict(ck["config"])
     model = build_model(cfg.model)
     try:

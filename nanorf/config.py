@@ -11,6 +11,8 @@ Presets:
   small      a single-GPU run on the 64x64 shapes world or a small image folder
   paper256   the paper's ablation shapes: 256 px, patch 16, 2x2 pooling, K=16,384
   paper1024  the paper's main-result shapes: 1024 px (1,024 rep tokens, 4,096 pixel patches)
+  qwen3_0p6b a decoder shaped like Qwen3-0.6B and an encoder shaped like DINOv3 ViT-S/16 at 256 px:
+             the one-GPU start from real weights (nanorf/pretrained.py fills it)
 The paper presets instantiate at the right token counts; their widths are
 placeholders (the paper inherits Qwen3-30B-A3B and DINOv3-H+, which we do not ship).
 
@@ -65,13 +67,47 @@ class VQConfig:
 
 @dataclass
 class MoTConfig:
-    """Mixture-of-Transformers decoder (docs/method.md, "MoT routing"; BAGEL)."""
+    """Mixture-of-Transformers decoder (docs/method.md, "MoT routing"; BAGEL).
+
+    The fields after `rope_base` exist so Qwen3 and Qwen3-MoE checkpoints load
+    (nanorf/pretrained.py, `load_qwen3`); their defaults keep the architecture the presets
+    always had (head size dim / heads, as many key/value heads as query heads, the FFN width
+    from mlp_ratio, one dense SwiGLU per expert group).
+    """
     dim: int = 512
     depth: int = 8
     heads: int = 8
     mlp_ratio: float = 4.0
     shared_attention: bool = True  # paper: attention shared by all tokens; False = BAGEL's per-modality q/k/v/o + norms
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0     # Qwen3's rope_theta (the name predates the loader; checkpoints store it)
+    head_dim: int = 0              # > 0: per-head width independent of dim (Qwen3: 128); 0 = dim // heads
+    n_kv_heads: int = 0            # grouped-query attention: key/value heads, dividing heads; 0 = heads
+    ffn_hidden: int = 0            # > 0: the SwiGLU hidden width as is (Qwen3's intermediate_size); 0 = from mlp_ratio
+    rms_eps: float = 1e-6          # every RMSNorm's epsilon (Qwen3's rms_norm_eps)
+    # Routed MoE FFN (Qwen3-MoE): with n_routed_experts > 0 each of the three expert groups is a
+    # pool of routed SwiGLU experts instead of one dense SwiGLU (nanorf/moe.py)
+    n_routed_experts: int = 0      # experts per group (Qwen3-30B-A3B: 128); 0 = dense
+    top_k: int = 8                 # experts per token (Qwen3-30B-A3B: 8)
+    norm_topk_prob: bool = True    # renormalise the top-k router probabilities to sum to 1
+    moe_hidden: int = 0            # each routed expert's hidden width (moe_intermediate_size); 0 = the dense width
+    aux_loss_coef: float = 0.001   # weight of the load-balancing loss in the total (router_aux_loss_coef)
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.dim // self.heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.heads
+
+    @property
+    def ffn_size(self) -> int:
+        """The dense SwiGLU hidden width: explicit, or at the FLOPs of a 4x GELU MLP."""
+        return self.ffn_hidden or int(self.dim * self.mlp_ratio * 2 / 3) // 8 * 8
+
+    @property
+    def moe_size(self) -> int:
+        return self.moe_hidden or self.ffn_size
 
 
 @dataclass
@@ -112,6 +148,9 @@ class ModelConfig:
     repa_depth: int = 0            # REPA taps the pixel tokens after this many blocks; 0 = mot.depth // 2
     p_drop_text: float = 0.1       # CFG: drop the prompt
     p_drop_rep: float = 0.1        # CFG: hide the rep sequence from the pixel block
+    tokenizer: str = ""            # "" = UTF-8 bytes (the toy); else a Qwen3 checkpoint folder (or its tokenizer.json)
+                                   # whose BPE vocabulary the text uses (nanorf/tokenizer.py, QwenTokenizer)
+    tie_lm_head: bool = False      # the LM head shares the token embedding matrix (Qwen3's tie_word_embeddings)
     vit: ViTConfig = field(default_factory=ViTConfig)
     vq: VQConfig = field(default_factory=VQConfig)
     mot: MoTConfig = field(default_factory=MoTConfig)
@@ -154,8 +193,13 @@ class TrainConfig:
     seed: int = 0
     compile: bool = False
     data: str = ""                 # "" = the shapes world; else an image-caption folder
-    vit_init: str = ""             # "" = random ViT; else weights from experiments.pretrain_vit (the paper: DINOv3)
-    num_workers: int = 0
+    vit_init: str = ""             # "" = random ViT; else weights from experiments.pretrain_vit (the toy's stand-in)
+    # where the weights start and what trains (nanorf/stages.py; the paper's stages)
+    init_llm: str = ""             # a Qwen3 checkpoint folder: decoder, embeddings, LM head, tokenizer
+    init_vit: str = ""             # an official DINOv3 checkpoint (.pth or Hugging Face): the encoder
+    init_from: str = ""            # another run's checkpoint: every weight, fresh optimiser and schedule
+    freeze: str = ""               # comma-separated groups with no gradient: vit, connector, llm, gen
+    stage: int = 0                 # 1: the paper's stage 1 (freeze vit,llm,gen; understanding only); 0, 2, 3: as set
     # Shapes-world prompt kinds drawn in training, weights in the order single, two, counting,
     # position, located (nanorf.shapes.KINDS): single is rare (18 captions, and its objects appear
     # in every other kind); counting and position ask the most planning.
@@ -248,11 +292,53 @@ def _paper(image_size: int) -> Config:
     )
 
 
+def _qwen3_0p6b() -> Config:
+    # Qwen3-0.6B's config.json: 28 layers, hidden 1024, 16 query / 8 key-value heads of 128,
+    # intermediate 3072, rope_theta 1e6, tied embeddings. DINOv3 ViT-S/16: 384 wide, 12 blocks,
+    # 6 heads, 4 storage tokens, masked key bias. Built on its own it is random and byte-level;
+    # load_qwen3 gives it Qwen's vocabulary and weights, load_dinov3 the encoder's.
+    return Config(
+        name="qwen3_0p6b",
+        model=ModelConfig(
+            image_size=256, patch_size=16, max_text_len=256, tie_lm_head=True,
+            vit=ViTConfig(patch_size=16, dim=384, depth=12, heads=6, n_storage_tokens=4, mask_k_bias=True),
+            vq=VQConfig(codebook_size=16384, tau=0.5, momentum=0.9999, pool=2),
+            mot=MoTConfig(dim=1024, depth=28, heads=16, n_kv_heads=8, head_dim=128, ffn_hidden=3072,
+                          rope_base=1e6),
+        ),
+        train=TrainConfig(batch_size=64, und_batch_size=32, lr=5e-5, warmup_steps=1000, max_steps=50000),
+    )
+
+
+def _paper_qwen3_30b(image_size: int = 256) -> Config:
+    # The paper's own model: Qwen3-30B-A3B's config.json (48 layers, hidden 2048, 32 query / 4
+    # key-value heads of 128, 128 routed experts of width 768, top-8 with normalised weights,
+    # rope_theta 1e6, untied LM head) and DINOv3 ViT-H+/16 (1280 wide, 32 blocks, 20 heads, SwiGLU
+    # ratio 6 -> 5120, 4 storage tokens, masked key bias). Real weights come from load_qwen3 /
+    # load_dinov3 (train.py --init-llm / --init-vit); this preset only gives the shapes.
+    return Config(
+        name=f"paper_qwen3_30b_{image_size}",
+        model=ModelConfig(
+            image_size=image_size, patch_size=16, max_text_len=256, tie_lm_head=False,
+            vit=ViTConfig(patch_size=16, dim=1280, depth=32, heads=20, mlp_ratio=6.0, ffn_layer="swiglu",
+                          n_storage_tokens=4, mask_k_bias=True),
+            vq=VQConfig(codebook_size=16384, tau=0.5, momentum=0.9999, pool=2),
+            mot=MoTConfig(dim=2048, depth=48, heads=32, n_kv_heads=4, head_dim=128, rope_base=1e6,
+                          n_routed_experts=128, top_k=8, norm_topk_prob=True, moe_hidden=768, aux_loss_coef=0.001),
+        ),
+        train=TrainConfig(batch_size=256, und_batch_size=128, lr=5e-5 if image_size <= 256 else 2.5e-5,
+                          warmup_steps=1000, max_steps=50000 if image_size <= 256 else 20000),
+    )
+
+
 PRESETS = {
     "toy": _toy,
     "small": _small,
     "paper256": lambda: _paper(256),
     "paper1024": lambda: _paper(1024),
+    "qwen3_0p6b": _qwen3_0p6b,
+    "paper_qwen3_30b_256": lambda: _paper_qwen3_30b(256),
+    "paper_qwen3_30b_1024": lambda: _paper_qwen3_30b(1024),
 }
 
 

@@ -44,7 +44,7 @@ import torch
 
 from .data import COLORS, KINDS, POSITIONS, QUESTION_KINDS, Prompt, ShapesWorld, held_out_prompts, holds, \
     palette_index, parse_caption, question_kind
-from .model import images_to_tensor, tensor_to_images
+from .patches import images_to_tensor, tensor_to_images
 from .sampler import answer, text_to_image
 
 MIN_PIXELS = 1         # components this small or larger are objects: strict, every component counts

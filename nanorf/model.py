@@ -16,7 +16,17 @@ rep token above it already have matching position codes (our choice; the paper o
 "learnable").
 
 Heads: LM head over bytes (L_LM), K-way rep head (L_Rep), pixel head predicting the clean
-patch x (x-prediction, L_FM). L = L_LM + L_Rep + L_FM with unit weights.
+patch x (x-prediction, L_FM). L = L_LM + L_Rep + L_FM with unit weights; a Qwen3-MoE decoder
+adds its load-balancing loss, aux_loss_coef * L_aux (nanorf/moe.py).
+
+With a Qwen3 decoder (nanorf/pretrained.py, `load_qwen3`) the text is Qwen's BPE vocabulary
+(`ModelConfig.tokenizer`), the LM head may be tied to the token embedding (`tie_lm_head`), and
+`lm_logits` is the text-only causal forward that the paper's text-only LM data needs.
+
+Which parameters are "new" (docs/method.md, "Training recipe and stages"): a model filled from
+checkpoints records the names of the parameters that were loaded (`loaded`, saved in its state
+dict), and `new_parameters` is everything else. Without a record (trained from scratch), it is
+the generation side, by module.
 
 What the rep tokens are is one small module, `DiscreteRep` here: VQ code ids in, K-way
 logits out, cross-entropy. The paper's ablations (Table 3) plug in from the side, in
@@ -39,45 +49,12 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .flow import add_noise, fm_loss, timestep_embedding
-from .layout import Layout, generation_layout, understanding_layout
-from .mot import MoT, PIX, REP
-from .tokenizer import ByteTokenizer
+from .layout import NO_BLOCK, Layout, generation_layout, understanding_layout
+from .moe import MoEFFN
+from .mot import MoT, PAD, PIX, REP, UND, attention_mask
+from .patches import patchify, sincos_2d
+from .tokenizer import make_tokenizer
 from .vit import ViT, Connector
-from .vq import EMAEncoder, OnlineVQ
-
-
-def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, H/p * W/p, p*p*3), raster order of patches."""
-    B, C, H, W = img.shape
-    x = img.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)      # (B, h, w, p, p, C)
-    return x.reshape(B, (H // p) * (W // p), p * p * C)
-
-
-def unpatchify(x: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
-    """(B, h*w, p*p*3) -> (B, 3, h*p, w*p)."""
-    B = x.shape[0]
-    x = x.reshape(B, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4)                 # (B, 3, h, p, w, p)
-    return x.reshape(B, 3, h * p, w * p)
-
-
-def sincos_2d(h: int, w: int, dim: int, max_cells: int = 64) -> torch.Tensor:
-    """(h*w, dim) sin-cos features of cell centres in [0, 1]^2 coordinates, raster order.
-
-    Normalised coordinates with grid-independent frequencies make grids of different
-    densities over the same image (pixel patches, rep tokens, ViT patches) agree where
-    their centres coincide. The dim/4 frequencies per axis are geometric from pi/2 (a
-    quarter turn across the image) to pi * max_cells (neighbours half a turn apart on
-    a max_cells grid; 64 covers the paper's 1024 px pixel grid)."""
-    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    q = dim // 4
-    freqs = (torch.pi / 2) * (2.0 * max_cells) ** (torch.arange(q, dtype=torch.float32) / max(1, q - 1))
-    out = []
-    for c in (yy.flatten(), xx.flatten()):
-        a = c[:, None] * freqs[None]                                            # (h*w, q)
-        out += [a.sin(), a.cos()]
-    return torch.cat(out, dim=1)                                                # (h*w, 4q)
 
 
 def validate(cfg: ModelConfig):
@@ -86,7 +63,12 @@ def validate(cfg: ModelConfig):
     checks = [
         (cfg.image_size % cfg.patch_size == 0, f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}"),
         (cfg.image_size % v.patch_size == 0, f"image_size {cfg.image_size} is not a multiple of vit.patch_size {v.patch_size}"),
-        (m.dim % m.heads == 0 and (m.dim // m.heads) % 2 == 0, f"mot.dim {m.dim} must split into {m.heads} heads of even size"),
+        ((m.head_dim > 0 or m.dim % m.heads == 0) and m.head_size % 2 == 0,
+         f"mot.dim {m.dim} must split into {m.heads} heads of even size" if not m.head_dim else
+         f"mot.head_dim {m.head_dim} must be even (RoPE rotates pairs)"),
+        (m.heads % m.kv_heads == 0, f"mot.heads {m.heads} is not a multiple of mot.n_kv_heads {m.kv_heads}"),
+        (not m.n_routed_experts or 0 < m.top_k <= m.n_routed_experts,
+         f"mot.top_k {m.top_k} must be in 1..n_routed_experts ({m.n_routed_experts})"),
         (m.dim % 4 == 0, f"mot.dim {m.dim} must be a multiple of 4 (2-D sin-cos positions)"),
         (v.dim % (4 * v.heads) == 0, f"vit.dim {v.dim} must be a multiple of 4 * vit.heads ({4 * v.heads}) for 2-D RoPE"),
         (not cfg.rf or (cfg.image_size // v.patch_size) % cfg.vq.pool == 0,
@@ -193,21 +175,27 @@ class GenOutput:
 
 @dataclass
 class LossParts:
-    """The three losses of a step, detached, for logging."""
+    """The losses of a step, detached, for logging."""
     lm: torch.Tensor
     rep: torch.Tensor
     fm: torch.Tensor
+    aux: torch.Tensor | None = None  # routed-MoE decoders only: aux_loss_coef * L_aux, part of the total
+
+
+LOADED_KEY = "loaded_names"  # the state-dict entry that carries RFModel.loaded
 
 
 class RFModel(nn.Module):
     """Text + ViT understanding, AR representation tokens, flow-matching pixels, one MoT."""
 
     tap_depth: int | None = None   # a trunk depth whose pixel hidden states a variant's loss reads
+    _router_log = None             # while `forward` runs with a routed-MoE decoder: the router logits record
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok = ByteTokenizer()
+        self.tok = make_tokenizer(cfg.tokenizer)
+        self.loaded: frozenset[str] | None = None  # names of the parameters filled from checkpoints, if any
         D, p = cfg.mot.dim, cfg.patch_size
         validate(cfg)
         self.n_pix = cfg.grid ** 2
@@ -220,6 +208,8 @@ class RFModel(nn.Module):
         self.register_buffer("vit_pos", sincos_2d(vg, vg, D), persistent=False)
         self.tok_emb = nn.Embedding(self.tok.vocab_size, D)
         self.lm_head = nn.Linear(D, self.tok.vocab_size, bias=False)
+        if cfg.tie_lm_head:
+            self.lm_head.weight = self.tok_emb.weight
         # representation tokens (none in the pixel-only baseline, Table 3a)
         self.rep = None
         if cfg.rf:
@@ -245,7 +235,9 @@ class RFModel(nn.Module):
                 # residual-branch outputs start small so the trunk starts near identity (GPT-2)
                 std = 0.02 / (2 * depth) ** 0.5 if name.endswith(("down", "attn_out.0", "attn_out.1", "attn_out.2")) else 0.02
                 nn.init.normal_(m.weight, std=std)
-        nn.init.normal_(self.lm_head.weight, std=0.02)
+            elif isinstance(m, MoEFFN):
+                m.init_weights(0.02, 0.02 / (2 * depth) ** 0.5)
+        nn.init.normal_(self.lm_head.weight, std=0.02)  # tied: the embedding too
         if self.rep is not None:
             self.rep.init_weights()
         # x-prediction head starts at x = 0 (JiT zero-inits its final layer)
@@ -254,8 +246,16 @@ class RFModel(nn.Module):
 
     def new_parameters(self) -> list[nn.Parameter]:
         """The parameters the paper trains at x4 learning rate, "newly initialised generation
-        parameters" (docs/method.md, "Training recipe and stages"): everything only rep and pixel
-        tokens pass through (their experts and final norms, embeddings, heads, the t-embedding)."""
+        parameters" (docs/method.md, "Training recipe and stages"). For a model filled from
+        checkpoints (`loaded` is set): every parameter that was not loaded, whatever its name.
+        Otherwise `new_by_module`."""
+        if self.loaded is None:
+            return self.new_by_module()
+        return [p for n, p in self.named_parameters() if n not in self.loaded]
+
+    def new_by_module(self) -> list[nn.Parameter]:
+        """Everything only rep and pixel tokens pass through (their experts and final norms,
+        embeddings, heads, the t-embedding): the new set of a model trained from scratch."""
         mods = [self.pix_emb, self.t_emb, self.pix_head]
         mods += self.mot.expert_modules(PIX)
         if self.rep is not None:
@@ -263,12 +263,37 @@ class RFModel(nn.Module):
         params = [p for m in mods for p in m.parameters()]
         return params + ([self.rep_pos] if self.rep is not None else [])
 
+    def record_loaded(self, names) -> None:
+        """Add parameter names (e.g. every "vit." one after copying DINOv3 weights in) to the
+        record of what was loaded from checkpoints; `new_parameters` is then the rest."""
+        names = set(names)
+        known = {n for n, _ in self.named_parameters(remove_duplicate=False)}
+        if names - known:
+            raise ValueError(f"not parameters of this model: {', '.join(sorted(names - known)[:3])}")
+        self.loaded = frozenset(names | (self.loaded or set()))
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """The usual state dict, plus the `loaded` record (as UTF-8 bytes in a uint8 tensor, so the
+        state dict stays all tensors) when there is one."""
+        sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self.loaded is not None:
+            sd[prefix + LOADED_KEY] = torch.tensor(list("\n".join(sorted(self.loaded)).encode()), dtype=torch.uint8)
+        return sd
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state dict without the record (from scratch, or older than it) clears it
+        rec = state_dict.pop(prefix + LOADED_KEY, None)
+        self.loaded = None if rec is None else frozenset(n for n in bytes(rec.tolist()).decode().split("\n") if n)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def configure_optimizer(self, t) -> torch.optim.AdamW:
         """AdamW (t: TrainConfig); weight decay on matrices only; new_parameters() at
         t.new_param_lr_mult x the base rate (each group's `lr_mult`, applied by the schedule)."""
         new = {id(p) for p in self.new_parameters()}
         groups = {}
         for p in self.parameters():
+            if not p.requires_grad:  # frozen (--freeze, --stage 1): no optimiser state at all
+                continue
             groups.setdefault((p.dim() >= 2, id(p) in new), []).append(p)
         param_groups = [{"params": ps, "weight_decay": t.weight_decay if decay else 0.0,
                          "lr_mult": t.new_param_lr_mult if is_new else 1.0} for (decay, is_new), ps in groups.items()]
@@ -318,7 +343,26 @@ class RFModel(nn.Module):
     def trunk(self, lay: Layout, x: torch.Tensor, drop_rep=None, tap=None):
         dev = x.device
         mask = lay.mask(None if drop_rep is None else drop_rep.cpu()).to(dev)
-        return self.mot(x, lay.modality.to(dev), lay.pos.to(dev), mask, tap=tap)
+        return self.mot(x, lay.modality.to(dev), lay.pos.to(dev), mask, tap=tap, router_log=self._router_log)
+
+    def lm_logits(self, ids: torch.Tensor, valid: torch.Tensor | None = None, router_log=None) -> torch.Tensor:
+        """Text-only causal forward: token ids (B, L) -> next-token logits (B, L, vocab).
+
+        No image blocks, every token UND, RoPE positions 0..L-1, causal attention: exactly a
+        Qwen3 causal LM on a Qwen3-loaded model. valid (B, L) bool marks real tokens of
+        right-padded rows (padding routes to no expert and no real token sees it).
+        router_log (MoT.router_log()): collects a routed-MoE decoder's router logits, for
+        self.mot.aux_loss."""
+        B, L = ids.shape
+        dev = ids.device
+        valid = torch.ones(B, L, dtype=torch.bool, device=dev) if valid is None else valid.to(dev)
+        modality = torch.where(valid, UND, PAD)
+        block = torch.full((B, L), NO_BLOCK, device=dev)
+        mask = attention_mask(block, torch.zeros_like(valid), valid, modality)
+        pos = torch.arange(L, device=dev).expand(B, L)
+        h = self.mot(self.tok_emb(ids), modality, pos, mask,
+                     router_log=router_log if router_log is not None else self._router_log)
+        return self.lm_head(h)
 
     def gen_forward(self, prompts, codes, z, t, drop_rep=None, tap: int | None = None) -> GenOutput:
         """Teacher-forced generation pass. prompts: B lists of byte ids; codes (B, n) rep
@@ -371,72 +415,20 @@ class RFModel(nn.Module):
         per_example = ce.sum(1) / (tgt >= 0).sum(1).clamp_min(1)
         return per_example.mean()
 
-    def forward(self, gen: GenBatch, und: UndBatch | None = None) -> tuple[torch.Tensor, LossParts]:
-        """One training micro-batch -> (L = L_LM + L_Rep + L_FM, the parts detached)."""
-        l_rep, l_fm = self.gen_loss(gen)
-        l_lm = self.und_loss(und) if und is not None else l_fm.new_zeros(())
-        return l_lm + l_rep + l_fm, LossParts(l_lm.detach(), l_rep.detach(), l_fm.detach())
-
-
-class RepresentationTargets(nn.Module):
-    """The EMA copy of the encoder and the online VQ that turn a clean image into
-    N discrete target ids (docs/method.md, "Representation targets and online VQ"). Not part of RFModel: it has no gradient, is not
-    averaged into the sampling EMA, and is not needed to sample.
-    The ablations read the same EMA features: continuous targets skip the VQ; REPA pools
-    them to the pixel-patch grid (`align`)."""
-
-    def __init__(self, cfg: ModelConfig, vit: ViT):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = EMAEncoder(vit, cfg.vq.pool)
-        self.vq = OnlineVQ(cfg.vit.dim, cfg.vq) if cfg.rf and cfg.rep_target == "discrete" else None
-        self.decay = cfg.vq.encoder_ema
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, update: bool = True) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, N) code ids, raster order over the pooled grid; with
-        continuous targets, the features x = sqrt(D) f (B, N, D) instead."""
-        z = self.encoder.features(images)                                          # (B, N, D), unit norm
-        B, N, D = z.shape
-        if self.vq is None:
-            return z * D ** 0.5
-        return self.vq(z.reshape(B * N, D), update=update).view(B, N)
-
-    @torch.no_grad()
-    def label(self, b: GenBatch):
-        """Fill in a batch's targets from its clean images: the rep targets (with rep tokens)
-        and REPA's features (with a REPA weight)."""
-        if self.cfg.rf:
-            b.targets = self(b.images)
-        if self.cfg.repa_weight:
-            b.align = self.align(b.images)
-
-    @torch.no_grad()
-    def align(self, images: torch.Tensor) -> torch.Tensor:
-        """REPA's targets: (B, 3, H, W) -> unit features (B, M, D) on the pixel-patch grid."""
-        return self.encoder.features(images, pool=self.cfg.patch_size // self.cfg.vit.patch_size)
-
-    @torch.no_grad()
-    def ema_update(self, vit: ViT):
-        self.encoder.update(vit, self.decay)
-
-    def snapshot(self):
-        """What a training forward changes (the codebook), for `restore`; None without a VQ."""
-        return None if self.vq is None else self.vq.snapshot()
-
-    def restore(self, snap):
-        if snap is not None:
-            self.vq.restore(snap)
-
-
-def images_to_tensor(images) -> torch.Tensor:
-    """List of (H, W, 3) uint8 arrays -> (B, 3, H, W) float in [-1, 1] (pixel space, no VAE)."""
-    import numpy as np
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
-
-
-def tensor_to_images(x: torch.Tensor):
-    """(B, 3, H, W) in [-1, 1] -> list of (H, W, 3) uint8 arrays."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return list(x.permute(0, 2, 3, 1).cpu().numpy())
+    def forward(self, gen: GenBatch | None, und: UndBatch | None = None) -> tuple[torch.Tensor, LossParts]:
+        """One training micro-batch -> (L = L_LM + L_Rep + L_FM, the parts detached); either batch
+        may be None (stage 1 trains on understanding alone). With a routed-MoE decoder L also holds
+        aux_loss_coef * L_aux over both passes' tokens (parts.aux)."""
+        self._router_log = self.mot.router_log()
+        try:
+            zero = self.pix_head.weight.new_zeros(())
+            l_rep, l_fm = self.gen_loss(gen) if gen is not None else (zero, zero)
+            l_lm = self.und_loss(und) if und is not None else zero
+            aux = self.mot.aux_loss(self._router_log)
+        finally:
+            self._router_log = None
+        total = l_lm + l_rep + l_fm
+        if self.cfg.mot.n_routed_experts:
+            aux = self.cfg.mot.aux_loss_coef * (aux if aux is not None else total.new_zeros(()))
+            return total + aux, LossParts(l_lm.detach(), l_rep.detach(), l_fm.detach(), aux.detach())
+        return total, LossParts(l_lm.detach(), l_rep.detach(), l_fm.detach())

@@ -14,6 +14,11 @@ proportional to the tokens, not tokens x experts. With `shared_attention=False` 
 attention projections, QK-norms and pre-norms are per expert too (BAGEL's MoT code);
 the attention operation itself always spans the whole sequence.
 
+Qwen3's shapes are config fields (MoTConfig): a head size independent of the width,
+grouped-query attention (`n_kv_heads` key/value heads, each shared by heads / n_kv_heads query
+heads; the KV cache holds only those), an explicit FFN width, and, for Qwen3-MoE, each expert
+group as a pool of routed experts (moe.py): two-level routing, by token type, then by router.
+
 Positions: 1-D RoPE over sequence positions (Qwen3), where every token of an image
 block (ViT tokens, pixel patches) shares one position (BAGEL); spatial layout inside
 a block comes from the 2-D embeddings that model.py adds.
@@ -30,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MoTConfig
+from .moe import MoEFFN, load_balancing_loss
 
 UND, REP, PIX, PAD = 0, 1, 2, 3
 N_EXPERTS = 3
@@ -109,27 +115,31 @@ class Routing:
 
 
 class AttnIn(nn.Module):
-    """Pre-norm and q/k/v projection with per-head QK-norm (Qwen3): (n, D) -> (n, 3, H, hd)."""
+    """Pre-norm and q/k/v projection with per-head QK-norm (Qwen3):
+    (n, D) -> (n, (H + 2 Hkv) * hd), the H query heads, then Hkv key heads, then Hkv value heads."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, eps: float = 1e-6):
         super().__init__()
-        self.heads, self.hd = heads, dim // heads
-        self.norm = RMSNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_norm = RMSNorm(self.hd)
-        self.k_norm = RMSNorm(self.hd)
+        self.hd = head_dim
+        self.sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        self.norm = RMSNorm(dim, eps)
+        self.qkv = nn.Linear(dim, sum(self.sizes), bias=False)  # Qwen3's q_proj, k_proj, v_proj stacked
+        self.q_norm = RMSNorm(head_dim, eps)
+        self.k_norm = RMSNorm(head_dim, eps)
 
     def forward(self, x):
-        q, k, v = self.qkv(self.norm(x)).view(-1, 3, self.heads, self.hd).unbind(1)  # each (n, H, hd)
-        return torch.stack([self.q_norm(q), self.k_norm(k), v], 1).flatten(1)         # (n, 3*D)
+        q, k, v = self.qkv(self.norm(x)).split(self.sizes, dim=1)                   # (n, H*hd), (n, Hkv*hd) x2
+        q = self.q_norm(q.unflatten(1, (-1, self.hd))).flatten(1)                    # per-head norm over hd
+        k = self.k_norm(k.unflatten(1, (-1, self.hd))).flatten(1)
+        return torch.cat([q, k, v], 1)
 
 
 class FFN(nn.Module):
     """Pre-norm SwiGLU feed-forward expert (Qwen3's FFN form)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, eps: float = 1e-6):
         super().__init__()
-        self.norm = RMSNorm(dim)
+        self.norm = RMSNorm(dim, eps)
         self.gate = nn.Linear(dim, hidden, bias=False)
         self.up = nn.Linear(dim, hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
@@ -139,37 +149,52 @@ class FFN(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+def make_ffn(cfg: MoTConfig) -> nn.Module:
+    """One expert group's FFN: a dense SwiGLU, or a pool of routed SwiGLU experts (moe.py)."""
+    if cfg.n_routed_experts:
+        return MoEFFN(cfg.dim, cfg.moe_size, cfg.n_routed_experts, cfg.top_k, cfg.norm_topk_prob,
+                      RMSNorm(cfg.dim, cfg.rms_eps))
+    return FFN(cfg.dim, cfg.ffn_size, cfg.rms_eps)
+
+
 class MoTBlock(nn.Module):
     def __init__(self, cfg: MoTConfig):
         super().__init__()
         n_attn = 1 if cfg.shared_attention else N_EXPERTS
-        self.dim, self.heads = cfg.dim, cfg.heads
-        self.attn_in = nn.ModuleList(AttnIn(cfg.dim, cfg.heads) for _ in range(n_attn))
-        self.attn_out = nn.ModuleList(nn.Linear(cfg.dim, cfg.dim, bias=False) for _ in range(n_attn))
-        hidden = int(cfg.dim * cfg.mlp_ratio * 2 / 3) // 8 * 8  # SwiGLU at the FLOPs of a 4x GELU MLP
-        self.ffn = nn.ModuleList(FFN(cfg.dim, hidden) for _ in range(N_EXPERTS))
+        self.dim, self.heads, self.kv_heads, self.hd = cfg.dim, cfg.heads, cfg.kv_heads, cfg.head_size
+        self.attn_in = nn.ModuleList(AttnIn(cfg.dim, cfg.heads, cfg.kv_heads, cfg.head_size, cfg.rms_eps)
+                                     for _ in range(n_attn))
+        self.attn_out = nn.ModuleList(nn.Linear(cfg.heads * cfg.head_size, cfg.dim, bias=False) for _ in range(n_attn))
+        self.ffn = nn.ModuleList(make_ffn(cfg) for _ in range(N_EXPERTS))
 
-    def forward(self, x, routing: Routing, cos, sin, mask, kv=None):
-        """x (B, L, D). kv: optional (k, v) prefix of shape (B, H, P, hd) that the
-        queries also attend to (the cache); mask is then (B, 1, L, P + L).
-        Returns the new x and this call's own (k, v)."""
+    def forward(self, x, routing: Routing, cos, sin, mask, kv=None, router_log: list | None = None):
+        """x (B, L, D). kv: optional (k, v) prefix of shape (B, Hkv, P, hd) that the
+        queries also attend to (the cache); mask is then (B, 1, L, P + L). router_log: with
+        routed FFNs, one list per expert group that receives the router logits.
+        Returns the new x and this call's own (k, v), (B, Hkv, L, hd) each."""
         B, L, D = x.shape
-        H, hd = self.heads, D // self.heads
-        qkv = routing.apply(self.attn_in, x.reshape(B * L, D), 3 * D)            # (B*L, 3D)
-        q, k, v = qkv.view(B, L, 3, H, hd).permute(2, 0, 3, 1, 4)              # each (B, H, L, hd)
+        H, Hkv, hd = self.heads, self.kv_heads, self.hd
+        qkv = routing.apply(self.attn_in, x.reshape(B * L, D), (H + 2 * Hkv) * hd)  # (B*L, (H + 2Hkv) hd)
+        q, k, v = qkv.view(B, L, H + 2 * Hkv, hd).transpose(1, 2).split([H, Hkv, Hkv], dim=1)  # (B, H|Hkv, L, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = (k, v)
         if kv is not None:
             k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
+        if Hkv != H:  # GQA: query head h reads key/value head h // (H / Hkv), as Qwen3's repeat_kv
+            k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)             # (B, H, L, hd)
-        a = a.transpose(1, 2).reshape(B * L, D)
+        a = a.transpose(1, 2).reshape(B * L, H * hd)
         x = x + routing.apply(self.attn_out, a, D).view(B, L, D)
-        x = x + routing.apply(self.ffn, x.reshape(B * L, D), D).view(B, L, D)
+        ffn = self.ffn
+        if router_log is not None and isinstance(ffn[0], MoEFFN):
+            ffn = [lambda g, m=m, log=log: m(g, log) for m, log in zip(ffn, router_log)]
+        x = x + routing.apply(ffn, x.reshape(B * L, D), D).view(B, L, D)
         return x, new_kv
 
 
 class KVCache:
-    """Keys and values of an already processed prefix, for every block, preallocated.
+    """Keys and values of an already processed prefix, for every block, preallocated
+    (the key/value heads only: under grouped-query attention, Hkv < H of them).
 
     Besides k/v, the cache keeps what the mask needs to know about each cached key:
     whether it is a real token (`valid`) and its expert type (`modality`, so a CFG branch
@@ -183,7 +208,7 @@ class KVCache:
         self.k = self.v = self.valid = self.modality = None
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor):
-        """Write block i's (B, H, n, hd) keys/values at the current end."""
+        """Write block i's (B, Hkv, n, hd) keys/values at the current end."""
         if self.k is None:
             B, H, _, hd = k.shape
             self.k = k.new_zeros(self.depth, B, H, self.max_len, hd)
@@ -229,7 +254,7 @@ class MoT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.blocks = nn.ModuleList(MoTBlock(cfg) for _ in range(cfg.depth))
-        self.norm = nn.ModuleList(RMSNorm(cfg.dim) for _ in range(N_EXPERTS))  # final norm per modality
+        self.norm = nn.ModuleList(RMSNorm(cfg.dim, cfg.rms_eps) for _ in range(N_EXPERTS))  # final norm per modality
 
     def expert_modules(self, expert: int) -> list[nn.Module]:
         """Every module that only tokens of this expert pass through: its FFNs, its final norm
@@ -241,21 +266,36 @@ class MoT(nn.Module):
                 mods += [blk.attn_in[expert], blk.attn_out[expert]]
         return mods
 
+    def router_log(self) -> list[list[torch.Tensor]] | None:
+        """An empty record for forward's `router_log` (one list per expert group), or None
+        for a dense decoder: pass it to one or more forwards, then to `aux_loss`."""
+        return [[] for _ in range(N_EXPERTS)] if self.cfg.n_routed_experts else None
+
+    def aux_loss(self, router_log: list[list[torch.Tensor]] | None) -> torch.Tensor | None:
+        """The load-balancing loss (moe.py) of each expert group's pool over every token and
+        layer the record holds, averaged over the groups that saw tokens (each pool is balanced
+        on its own; the mean keeps aux_loss_coef on Qwen3-MoE's scale). Unweighted; None when dense."""
+        if router_log is None:
+            return None
+        losses = [load_balancing_loss(torch.cat(logs), self.cfg.top_k) for logs in router_log if logs]
+        return torch.stack(losses).mean() if losses else None
+
     def forward(self, x, modality, pos, mask, cache: KVCache | None = None, write: bool = False,
-                tap: int | None = None):
+                tap: int | None = None, router_log: list | None = None):
         """x (B, L, D) embedded tokens; modality, pos (B, L); mask (B, 1, L, P + L)
         where P is the cached prefix length (0 without a cache).
         With `write`, these L tokens' keys/values are appended to `cache` (the caller
         then calls cache.commit). Returns hidden (B, L, D) after the per-modality final norm;
-        with `tap`, also the residual stream (B, L, D) after `tap` blocks (REPA's target layer)."""
+        with `tap`, also the residual stream (B, L, D) after `tap` blocks (REPA's target layer).
+        router_log (from `router_log()`): collects routed FFNs' router logits for `aux_loss`."""
         routing = Routing(modality)
-        cos, sin = rope_cos_sin(pos, self.cfg.dim // self.cfg.heads, self.cfg.rope_base)
+        cos, sin = rope_cos_sin(pos, self.cfg.head_size, self.cfg.rope_base)
         if mask.all():  # e.g. a pixel block against its whole prefix: SDPA's unmasked kernel is faster
             mask = None
         tapped = x if tap == 0 else None
         for i, blk in enumerate(self.blocks):
             prefix = cache.prefix(i) if cache is not None and cache.len else None
-            x, (k, v) = blk(x, routing, cos, sin, mask, prefix)
+            x, (k, v) = blk(x, routing, cos, sin, mask, prefix, router_log)
             if write:
                 cache.append(i, k, v)
             if tap == i + 1:

@@ -32,7 +32,8 @@ from .checkpoint import atomic_path
 from .config import SamplingSettings
 from .flow import ode_step, resolution_shift, time_grid, velocity
 from .layout import Layout
-from .model import RFModel, sample_logits, unpatchify
+from .model import RFModel, sample_logits
+from .patches import unpatchify
 from .mot import PIX, REP, UND, KVCache
 
 
@@ -246,7 +247,7 @@ def answer(model: RFModel, images: torch.Tensor, questions: list[str], max_new_t
         nxt = sample_logits(logits, top_k, temperature, generator)                 # (B,)
         for b, c in enumerate(nxt.tolist()):
             if not done[b]:
-                if c == tok.eos or c >= tok.n_bytes:
+                if c == tok.eos or tok.is_special(c):
                     done[b] = True
                 else:
                     outs[b].append(c)
@@ -256,6 +257,15 @@ def answer(model: RFModel, images: torch.Tensor, questions: list[str], max_new_t
             h = step_tokens(model, cache, model.tok_emb(nxt[:, None]), UND, pos, cache.mask(1, bidir=False), write=True)
             logits, pos = model.lm_head(h[:, 0]), pos + 1
     return [tok.decode(o) for o in outs]
+
+
+def draw_plan(codes: torch.Tensor, code_patches: torch.Tensor) -> torch.Tensor:
+    """A plan of rep tokens drawn as a coarse preview: (B, N) codes on a g x g grid ->
+    (B, 3, g*s, g*s) images in [-1, 1], each code as its mean training patch (code_patches
+    (K, s*s*3) in patchify's layout, RepresentationTargets keeps it with the codebook)."""
+    g = int(round(codes.shape[1] ** 0.5))
+    s = int(round((code_patches.shape[1] // 3) ** 0.5))
+    return unpatchify(code_patches[codes.cpu()], s, g, g)                         # (B, N, s*s*3) -> images
 
 
 def save_grid(images, path, ncol: int = 8, scale: int = 1, pad: int = 2):

@@ -22,7 +22,8 @@ import torch
 from .config import Config
 from .data import DataError, ImageCaptionFolder, ShapesWorld
 from .flow import sample_t
-from .model import GenBatch, RFModel, UndBatch, images_to_tensor
+from .model import GenBatch, RFModel, UndBatch
+from .patches import images_to_tensor
 
 
 @dataclass

@@ -10,11 +10,24 @@ download. The special tokens mark the blocks of the two sequences (docs/method.m
 
 Representation tokens and image patches are not text and never pass through this
 tokenizer: they have their own embeddings in model.py.
+
+With a Qwen3 decoder (nanorf/pretrained.py, `load_qwen3`) the text goes through Qwen's own BPE
+vocabulary instead: `QwenTokenizer` reads the checkpoint folder's `tokenizer.json` (with the
+optional `tokenizers` package) and gives the same interface. `make_tokenizer` picks one from
+`ModelConfig.tokenizer`.
+
+The interface both have: `encode(text, max_len)`, `decode(ids)`, `is_special(id)` (a token that
+is no text: generation stops on it, decoding skips it), the special ids `.bos .eos .boi .eoi
+.bor .bop .pad`, and `vocab_size` (the rows of the embedding and LM head).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[BOI]", "[EOI]", "[BOR]", "[BOP]")
+INSTALL_HINT = 'pip install -e ".[pretrained]"'
 
 
 class TokenizerError(ValueError):
@@ -38,6 +51,97 @@ class ByteTokenizer:
                 f"text is {len(ids)} bytes but this model holds at most {max_len}: {text[:40]!r}...")
         return ids
 
+    def is_special(self, i: int) -> bool:
+        """Not a byte: a special token, or one of the unused rows up to vocab_size."""
+        return not 0 <= int(i) < self.n_bytes
+
     def decode(self, ids) -> str:
         """Bytes back to text; special tokens are skipped, broken UTF-8 is replaced."""
         return bytes(int(i) for i in ids if 0 <= int(i) < self.n_bytes).decode("utf-8", errors="replace")
+
+
+def _name(entry) -> str | None:
+    """A token as tokenizer_config.json writes it: a string, or {"content": string, ...}."""
+    return entry.get("content") if isinstance(entry, dict) else entry
+
+
+class QwenTokenizer:
+    """Qwen3's byte-level BPE (`tokenizer.json` of a checkpoint folder) plus nanorf's specials.
+
+    The text ids are the checkpoint's own (0 .. n_text - 1). [BOS], [EOS] and [PAD] are Qwen's
+    tokens where the folder names them: the ids in config.json (bos/eos/pad_token_id; Qwen3:
+    <|endoftext|> for BOS, <|endoftext|> or <|im_end|> for EOS), else the strings in
+    tokenizer_config.json (Qwen3: pad <|endoftext|>). The rest ([BOI] [EOI] [BOR] [BOP], and any
+    of the three the folder lacks) are new ids appended after the checkpoint's embedding rows
+    (`text_vocab`: config.json's vocab_size, 151,936 for Qwen3, above the tokenizer's 151,669
+    tokens); `vocab_size` is that, rounded up to a multiple of 8 as the byte tokenizer's is.
+    """
+
+    def __init__(self, path, text_vocab: int = 0):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise TokenizerError(f"the Qwen tokenizer needs the tokenizers package: {INSTALL_HINT}") from None
+        path = Path(path)
+        folder = path if path.is_dir() else path.parent
+        file = folder / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise TokenizerError(f"no tokenizer.json at {file}")
+        try:
+            self._tok = Tokenizer.from_file(str(file))
+        except Exception as e:  # truncated or not a tokenizers file
+            raise TokenizerError(f"cannot read {file}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") \
+                from None
+        self.path = str(path)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.n_text = max(vocab.values()) + 1 if vocab else 0                       # ids the BPE can produce
+        cfg, tcfg = self._json(folder / "config.json"), self._json(folder / "tokenizer_config.json")
+        self.text_vocab = text_vocab or cfg.get("vocab_size") or self.n_text
+        if self.text_vocab < self.n_text:
+            raise TokenizerError(f"{file} has {self.n_text} tokens but the embedding has only {self.text_vocab} rows")
+        nxt = self.text_vocab
+        for name in SPECIALS:
+            attr = name.strip("[]").lower()
+            tid = None
+            if attr in ("bos", "eos", "pad"):
+                tid = cfg.get(f"{attr}_token_id")
+                tid = tid[0] if isinstance(tid, list) and tid else tid
+                if not (isinstance(tid, int) and 0 <= tid < self.n_text):
+                    tid = vocab.get(_name(tcfg.get(f"{attr}_token")) or "")
+            if tid is None:
+                tid, nxt = nxt, nxt + 1
+            setattr(self, attr, tid)                                                 # self.bos, self.boi, ...
+        self.n_new = nxt - self.text_vocab
+        self.vocab_size = (nxt + 7) // 8 * 8
+        added = self._tok.get_added_tokens_decoder()
+        self._special = {i for i, t in added.items() if t.special} | {getattr(self, n.strip("[]").lower())
+                                                                    for n in SPECIALS}
+
+    @staticmethod
+    def _json(file: Path) -> dict:
+        try:
+            d = json.loads(file.read_text()) if file.is_file() else {}
+        except (OSError, ValueError) as e:
+            raise TokenizerError(f"cannot read {file}: {type(e).__name__}") from None
+        return d if isinstance(d, dict) else {}
+
+    def encode(self, text: str, max_len: int | None = None) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if max_len is not None and len(ids) > max_len:
+            raise TokenizerError(
+                f"text is {len(ids)} tokens but this model holds at most {max_len}: {text[:40]!r}...")
+        return ids
+
+    def is_special(self, i: int) -> bool:
+        """nanorf's specials, the tokenizer's own special tokens (<|im_end|>, ...), and ids past its vocabulary."""
+        i = int(i)
+        return not 0 <= i < self.n_text or i in self._special
+
+    def decode(self, ids) -> str:
+        """Ids back to text; special tokens are skipped."""
+        return self._tok.decode([int(i) for i in ids if not self.is_special(i)], skip_special_tokens=True)
+
+
+def make_tokenizer(spec: str = ""):
+    """The tokenizer a ModelConfig names: "" = bytes, else a Qwen3 folder or its tokenizer.json."""
+    return QwenTokenizer(spec) if spec else ByteTokenizer()

@@ -192,8 +192,8 @@ class REPAModel(RFModel):
         self.tap_depth = cfg.repa_depth or cfg.mot.depth // 2
         self.repa_proj = REPAProjector(cfg.mot.dim, cfg.vit.dim)
 
-    def new_parameters(self) -> list[nn.Parameter]:
-        return super().new_parameters() + list(self.repa_proj.parameters())
+    def new_by_module(self) -> list[nn.Parameter]:
+        return super().new_by_module() + list(self.repa_proj.parameters())
 
     def rep_loss(self, out: GenOutput, b: GenBatch) -> torch.Tensor:
         return super().rep_loss(out, b) + self.cfg.repa_weight * repa_loss(self.repa_proj(out.tapped), b.align)

@@ -87,6 +87,15 @@ def single_thread_module():
         yield
 
 
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, single_thread_module):
+    """A tiny checkpoint trained for 2 steps by train.py (TINY_ARGS), once per test module."""
+    import train
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    train.main([*TINY_ARGS, "--max-steps", "2", "--out-dir", str(out)])
+    return out / "ckpt.pt"
+
+
 def subprocess_env(**extra) -> dict:
     """The environment of a CLI run in a subprocess: the repo importable, one thread each."""
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}

@@ -13,7 +13,7 @@ import nanorf.eval as ev
 from nanorf.data import (COLORS, KINDS, PALETTE, POSITIONS, Obj, Prompt, Scene, ShapesWorld, draw_scene,
                          parse_caption, render)
 from nanorf.eval import Detection, _components, detect, judge, score_images
-from nanorf.model import images_to_tensor, tensor_to_images
+from nanorf.patches import images_to_tensor, tensor_to_images
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -3,16 +3,17 @@ losses (hand checks, per-example normalisation, CFG drops), that training lowers
 and the representation targets."""
 
 import math
-from dataclasses import astuple, replace
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nanorf.layout import NO_BLOCK, PIX_BLOCK, VIT_BLOCK
-from nanorf.model import (GenBatch, RepresentationTargets, UndBatch, images_to_tensor, patchify, sincos_2d,
-                          tensor_to_images, unpatchify)
+from nanorf.model import GenBatch, UndBatch
+from nanorf.patches import images_to_tensor, patchify, sincos_2d, tensor_to_images, unpatchify
 from nanorf.mot import PAD, PIX, REP, UND
+from nanorf.targets import RepresentationTargets
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -236,8 +237,10 @@ def test_forward_sums_the_three_losses(tiny_model):
     l_rep, l_fm = m.gen_loss(gen)
     assert (parts.lm.item(), parts.rep.item(), parts.fm.item()) == pytest.approx(
         (m.und_loss(und).item(), l_rep.item(), l_fm.item()), rel=1e-6)
-    assert total.item() == pytest.approx(sum(v.item() for v in astuple(parts)), rel=1e-6)
-    assert all(v.item() > 0 for v in astuple(parts))
+    three = (parts.lm, parts.rep, parts.fm)
+    assert parts.aux is None                                    # a dense decoder has no balancing loss
+    assert total.item() == pytest.approx(sum(v.item() for v in three), rel=1e-6)
+    assert all(v.item() > 0 for v in three)
     total2, parts2 = m(_gen_batch())
     assert parts2.lm.item() == 0.0
 
@@ -311,3 +314,30 @@ def test_representation_targets(tiny_model, tiny_config):
     assert (codes >= 0).all() and (codes < cfg.vq.codebook_size).all()
     assert torch.equal(rt(images, update=False), codes)   # deterministic without an update
     assert not any(p.requires_grad for p in rt.parameters())
+
+
+def test_code_patches_are_running_means_of_the_patches_under_each_code(tiny_model, tiny_config):
+    m = tiny_model()
+    rt = RepresentationTargets(tiny_config().model, m.vit).train()
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(3, 3, 16, 16, generator=g) * 2 - 1 for _ in range(2))
+    codes = rt(a)                                                                  # first sight: the batch mean
+    tiles = patchify(a, 8).flatten(0, 1)                                           # (3*4, 8*8*3): 2x2 rep grid
+    for k in codes.unique().tolist():
+        assert torch.allclose(rt.code_patches[k], tiles[codes.flatten() == k].mean(0), atol=1e-6)
+    assert rt.code_seen.sum() == len(codes.unique()) and (rt.code_patches[~rt.code_seen] == 0).all()
+    before = rt.code_patches.clone()
+    codes_b = rt(b)                                                                # then momentum 0.99
+    tiles_b = patchify(b, 8).flatten(0, 1)
+    for k in codes_b.unique().tolist():
+        mean = tiles_b[codes_b.flatten() == k].mean(0)
+        want = mean if k not in codes.unique().tolist() else 0.99 * before[k] + 0.01 * mean
+        assert torch.allclose(rt.code_patches[k], want, atol=1e-6)
+    frozen = rt.code_patches.clone()
+    rt.eval()
+    rt(a)                                                                          # eval mode: no update
+    assert torch.equal(rt.code_patches, frozen)
+    rt.train()
+    rt(a, update=False)                                                            # nor without update
+    assert torch.equal(rt.code_patches, frozen)
+

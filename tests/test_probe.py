@@ -1,11 +1,16 @@
 """experiments.probe: code usage, the mean-patch mosaic of a code plan, and the no-rep pixel mode."""
 
 import math
+import random
 
 import pytest
 import torch
 
-from experiments.probe import mosaic, probe, usage
+from experiments.probe import KEYS, plan_following, probe, usage
+from nanorf.data import Obj, Scene, held_out_prompts, render
+from nanorf.eval import score_images
+from nanorf.patches import tensor_to_images
+from nanorf.sampler import draw_plan, text_to_image
 from nanorf.config import SamplingSettings
 from nanorf.sampler import sample_pixels
 
@@ -20,11 +25,11 @@ def test_usage_hand_values():
     assert u["codes_used"] == 2 and u["perplexity"] == pytest.approx(math.exp(h))
 
 
-def test_mosaic_places_each_codes_patch_in_raster_order():
+def test_draw_plan_places_each_codes_patch_in_raster_order():
     tiles = torch.arange(3 * 3 * 2 * 2, dtype=torch.float).view(3, 3, 2, 2)      # K=3 codes, (3, 2, 2) px
     patches = tiles.permute(0, 2, 3, 1).reshape(3, 12)                            # patchify's (y, x, c) order
     codes = torch.tensor([[2, 0, 1, 2]])                                           # 2x2 grid
-    img = mosaic(codes, patches)
+    img = draw_plan(codes, patches)
     assert img.shape == (1, 3, 4, 4)
     assert torch.equal(img[0, :, :2, :2], tiles[2]) and torch.equal(img[0, :, :2, 2:], tiles[0])
     assert torch.equal(img[0, :, 2:, :2], tiles[1]) and torch.equal(img[0, :, 2:, 2:], tiles[2])
@@ -42,14 +47,35 @@ def test_norep_pixels_ignore_the_rep_tokens(tiny_model):
     assert not torch.allclose(run(c1, "joint"), run(c2, "joint"), atol=1e-4)
 
 
+def test_plan_following_by_hand():
+    rng = random.Random(0)
+    scene = Scene((Obj("red", "circle", "top left"), Obj("blue", "square", "bottom right")))
+    img = render(scene, 48, rng)
+    assert plan_following([img], [scene]) == 1.0
+    moved = Scene((Obj("red", "circle", "top"), Obj("blue", "square", "bottom right")))
+    assert plan_following([img], [moved]) == 0.5                     # the circle is not where that plan put it
+    recoloured = Scene((Obj("green", "circle", "top left"), Obj("blue", "triangle", "bottom right")))
+    assert plan_following([img], [recoloured]) == 0.0
+    # over several images it is the fraction of all their objects
+    other = Scene((Obj("cyan", "triangle", "center"),))
+    assert plan_following([img, render(other, 48, rng)], [moved, other]) == pytest.approx(2 / 3)
+
+
 def test_probe_runs_on_a_tiny_model(tiny_model, tiny_config):
-    from nanorf.model import RepresentationTargets
+    from nanorf.targets import RepresentationTargets
     m = tiny_model("model.image_size=32", "model.patch_size=8", "model.vit.patch_size=8", "model.max_text_len=80")
     targets = RepresentationTargets(m.cfg, m.vit).eval()
     targets(torch.rand(8, 3, 32, 32) * 2 - 1)                                      # initialise the codebook
-    r = probe(m, targets, n=4)
-    assert r["real_images"]["overall"] == 1.0                                       # the scorer reads renders
+    r = probe(m, targets, n=5)
+    assert r["n"] == 5 and r["real_images"]["overall"] == 1.0                     # the scorer reads renders
     for k in ("pixels_given_sampled_reps", "pixels_given_no_reps", "pixels_given_real_reps",
               "plan_alone_sampled", "plan_alone_real"):
-        assert set(r[k]) >= {"position", "overall"}
+        assert set(r[k]) == set(KEYS) and all(0 <= r[k][x] <= 1 for x in KEYS if x != "extras")
+    # the probe's "no reps" row is exactly the norep sampler's pictures, scored
+    held = held_out_prompts(1)
+    x, _ = text_to_image(m, [p.text for p in held], torch.Generator().manual_seed(0), cfg_mode="norep")
+    want = score_images(tensor_to_images(x), held)
+    assert r["pixels_given_no_reps"]["overall"] == pytest.approx(want["overall"], abs=1e-4)
     assert 1 <= r["codebook_real"]["codes_used"] <= 16
+    ps = r["plan_swap"]
+    assert ps["n"] == 5 and 0 <= ps["plan_following_with_real_plan"] <= 1 and 0 <= ps["plan_following_no_plan"] <= 1

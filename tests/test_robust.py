@@ -30,7 +30,7 @@ import train
 from nanorf.checkpoint import load_checkpoint, load_model
 from nanorf.data import ImageCaptionFolder
 from nanorf.data import main as data_main
-from nanorf.model import RepresentationTargets
+from nanorf.targets import RepresentationTargets
 from nanorf.stream import Stream
 
 import faults
@@ -108,12 +108,12 @@ def test_a_non_finite_step_is_skipped_exactly(tmp_path, monkeypatch, capsys):
     assert "step 3: skipped, non-finite rep, fm, grad_norm (gen items [20, 21, 22, 23], und items [10, 11]); " \
            "1 in a row, 3 end the run" in out
 
-    # Without putting the codebook back, the NaN features would have poisoned it, and the final
+    # Without putting the codebook (and its mean patches) back, the NaN images would have poisoned it, and the final
     # save refuses a model with non-finite values, so nothing is written.
     monkeypatch.setattr(RepresentationTargets, "restore", lambda self, snap: None)
     line = expect_cli_error(capsys, lambda: run_train(tmp_path / "unguarded", "--max-steps", "4", *mb),
                             "train.py: error: refusing to save step 4")
-    assert "non-finite values in targets.vq.prototypes" in line
+    assert "non-finite values in targets.code_patches, targets.vq.prototypes" in line
     assert files(tmp_path / "unguarded") == ["log.jsonl"]
 
 
@@ -306,7 +306,7 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 import train
-from nanorf.model import RepresentationTargets
+from nanorf.targets import RepresentationTargets
 from nanorf.variants import build_model
 args = train.parse_args(json.loads(sys.argv[1]))
 cfg = train.build_config(args)

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 import sample
-import train
+from nanorf.checkpoint import load_checkpoint
 from nanorf.config import get_config
+from nanorf.patches import tensor_to_images, unpatchify
 from nanorf.data import ShapesWorld
 
 from conftest import ROOT, TINY_ARGS, subprocess_env
@@ -26,13 +27,6 @@ PROMPT = "a red circle at the top left"
 MAX_TEXT = get_config("toy").model.max_text_len  # bytes a prompt may hold
 
 pytestmark = pytest.mark.usefixtures("single_thread_module")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, single_thread_module):
-    out = tmp_path_factory.mktemp("sample_cli") / "run"
-    train.main([*TINY, "--max-steps", "2", "--out-dir", str(out)])
-    return out / "ckpt.pt"
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +89,17 @@ def test_prompts_file_out_dir_grid_and_rep_maps(ckpt, tmp_path):
     for i, im in enumerate(imgs):
         x0 = (2 + i * 34) * 4
         assert np.array_equal(g[8:8 + 128:4, x0:x0 + 128:4], im), i
-    # rep maps: 4x4 tokens (32 px / ViT patch 4 / pool 2), each an 8x8 block of one colour
+    # rep maps: 4x4 tokens (32 px / ViT patch 4 / pool 2), each 8x8 block the mean training
+    # patch of a code that training saw, as the checkpoint keeps them
+    targets = load_checkpoint(ckpt)["targets"]
+    seen = targets["code_patches"][targets["code_seen"]]                          # (k, 8*8*3)
+    tiles = {t.tobytes() for t in tensor_to_images(unpatchify(seen[:, None], 8, 1, 1))}
+    assert len(tiles) >= 2
     for i in range(3):
         rm = png(out_dir / f"{i:04d}.rep.png")
         assert rm.shape == (32, 32, 3)
-        blocks = rm.reshape(4, 8, 4, 8, 3)
-        assert (blocks == blocks[:, :1, :, :1]).all()
-        assert 1 <= len(np.unique(rm.reshape(-1, 3), axis=0)) <= 16
+        blocks = rm.reshape(4, 8, 4, 8, 3).transpose(0, 2, 1, 3, 4).reshape(16, 8, 8, 3)
+        assert all(np.ascontiguousarray(b).tobytes() in tiles for b in blocks), i
 
 
 def test_grid_only_and_prompt_rep_map(ckpt, tmp_path):

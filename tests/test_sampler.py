@@ -10,7 +10,8 @@ import torch.nn as nn
 
 import nanorf.model
 from nanorf.config import SamplingSettings as S
-from nanorf.model import DiscreteRep, GenOutput, sample_logits, unpatchify
+from nanorf.model import DiscreteRep, GenOutput, sample_logits
+from nanorf.patches import unpatchify
 from nanorf.sampler import answer, sample_pixels, sample_rep_tokens, text_to_image
 
 pytestmark = pytest.mark.usefixtures("single_thread")

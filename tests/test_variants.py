@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from nanorf.flow import add_noise
-from nanorf.model import GenBatch, RepresentationTargets, patchify
+from nanorf.model import GenBatch
+from nanorf.patches import patchify
+from nanorf.targets import RepresentationTargets
 from nanorf.sampler import text_to_image
 from nanorf.variants import DIFF_MUL, DiffusionHead, repa_loss
 

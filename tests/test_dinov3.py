@@ -1,4 +1,4 @@
-"""Tests for nanorf/pretrained.py: official DINOv3 ViT weights load into nanorf's ViT with parity.
+"""Tests for nanorf/dinov3.py: official DINOv3 ViT weights load into nanorf's ViT with parity.
 
 The reference outputs come from the official DINOv3 code, run by tests/fixtures/make_dinov3_fixture.py
 into tests/fixtures/dinov3_parity.pt (random weights, tiny widths); these tests read only that file
@@ -17,8 +17,8 @@ import torch
 
 from nanorf.checkpoint import CheckpointError
 from nanorf.config import ViTConfig
-from nanorf.pretrained import (IMAGENET_MEAN, IMAGENET_STD, dinov3_config, dinov3_to_hf, fold_imagenet_normalization,
-                               hf_to_dinov3, load_dinov3)
+from nanorf.dinov3 import (IMAGENET_MEAN, IMAGENET_STD, dinov3_config, dinov3_to_hf, fold_imagenet_normalization,
+                           hf_to_dinov3, load_dinov3)
 from nanorf.vit import ViT, ffn_hidden_size
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dinov3_parity.pt"

@@ -1,0 +1,111 @@
+"""Representation targets: what the rep tokens are trained to predict (docs/method.md,
+"Representation targets and online VQ").
+
+An EMA copy of the image encoder (no gradient) reads the clean image; its last-layer patch
+features before the final norm are 2x2-pooled and L2-normalised (vq.EMAEncoder), and the
+online VQ of the paper's Algorithm 1 (vq.OnlineVQ) turns them into N code ids, raster order.
+This module composes the two for train.py; it is not part of RFModel, is not averaged into the
+sampling EMA, and is not needed to sample.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .config import ModelConfig
+from .model import GenBatch
+from .patches import patchify
+from .vit import ViT
+from .vq import EMAEncoder, OnlineVQ
+
+
+class RepresentationTargets(nn.Module):
+    """The EMA copy of the encoder and the online VQ that turn a clean image into
+    N discrete target ids (docs/method.md, "Representation targets and online VQ"). Not part of RFModel: it has no gradient, is not
+    averaged into the sampling EMA, and is not needed to sample.
+    The ablations read the same EMA features: continuous targets skip the VQ; REPA pools
+    them to the pixel-patch grid (`align`).
+
+    With the codebook it keeps `code_patches` (K, s*s*3): a running mean of the image patch
+    (s = image side / rep grid, in [-1, 1], patchify's layout) under each code, so that a plan
+    of codes can be drawn as a coarse preview of the picture (sample.py --rep-map). A display
+    aid, not part of the method: it never feeds the model."""
+
+    PATCH_MOMENTUM = 0.99  # of code_patches; a code seen for the first time takes its batch mean
+
+    def __init__(self, cfg: ModelConfig, vit: ViT):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = EMAEncoder(vit, cfg.vq.pool)
+        self.vq = OnlineVQ(cfg.vit.dim, cfg.vq) if cfg.rf and cfg.rep_target == "discrete" else None
+        self.decay = cfg.vq.encoder_ema
+        if self.vq is not None:
+            s = cfg.image_size // cfg.rep_grid
+            self.register_buffer("code_patches", torch.zeros(cfg.vq.codebook_size, s * s * 3))
+            self.register_buffer("code_seen", torch.zeros(cfg.vq.codebook_size, dtype=torch.bool))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, update: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N) code ids, raster order over the pooled grid; with
+        continuous targets, the features x = sqrt(D) f (B, N, D) instead."""
+        z = self.encoder.features(images)                                          # (B, N, D), unit norm
+        B, N, D = z.shape
+        if self.vq is None:
+            return z * D ** 0.5
+        codes = self.vq(z.reshape(B * N, D), update=update).view(B, N)
+        if update and self.training:
+            self.track_patches(images, codes)
+        return codes
+
+    @torch.no_grad()
+    def track_patches(self, images: torch.Tensor, codes: torch.Tensor):
+        """Move each used code's mean patch toward this (global) batch's mean under it."""
+        s = self.cfg.image_size // self.cfg.rep_grid
+        tiles = patchify(images.float(), s).flatten(0, 1)                          # (B*N, s*s*3)
+        flat = codes.flatten()
+        stats = torch.zeros(self.code_patches.shape[0], tiles.shape[1] + 1, device=tiles.device)
+        stats[:, :-1].index_add_(0, flat, tiles)
+        stats[:, -1].index_add_(0, flat, torch.ones_like(flat, dtype=stats.dtype))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)  # every rank keeps the same table, as with the codebook
+        used = stats[:, -1] > 0
+        mean = stats[:, :-1] / stats[:, -1:].clamp_min(1)
+        m = torch.where(self.code_seen, self.PATCH_MOMENTUM, 0.0)[:, None]
+        self.code_patches.copy_(torch.where(used[:, None], m * self.code_patches + (1 - m) * mean, self.code_patches))
+        self.code_seen |= used
+
+    @torch.no_grad()
+    def label(self, b: GenBatch):
+        """Fill in a batch's targets from its clean images: the rep targets (with rep tokens)
+        and REPA's features (with a REPA weight)."""
+        if self.cfg.rf:
+            b.targets = self(b.images)
+        if self.cfg.repa_weight:
+            b.align = self.align(b.images)
+
+    @torch.no_grad()
+    def align(self, images: torch.Tensor) -> torch.Tensor:
+        """REPA's targets: (B, 3, H, W) -> unit features (B, M, D) on the pixel-patch grid."""
+        return self.encoder.features(images, pool=self.cfg.patch_size // self.cfg.vit.patch_size)
+
+    @torch.no_grad()
+    def ema_update(self, vit: ViT):
+        self.encoder.update(vit, self.decay)
+
+    @torch.no_grad()
+    def snapshot(self) -> dict | None:
+        """Copies of all a training forward changes (the codebook and the mean patch per code),
+        for `restore`; None without a VQ (nothing changes then)."""
+        if self.vq is None:
+            return None
+        return {"vq": self.vq.snapshot(), "code_patches": self.code_patches.clone(), "code_seen": self.code_seen.clone()}
+
+    @torch.no_grad()
+    def restore(self, snap: dict | None):
+        """Undo every update since `snapshot` (train.py: a skipped, non-finite step)."""
+        if snap is not None:
+            self.vq.restore(snap["vq"])
+            self.code_patches.copy_(snap["code_patches"])
+            self.code_seen.copy_(snap["code_seen"])
