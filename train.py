@@ -220,7 +220,8 @@ def agree_on_step(sums, bad_slots, n_gen: int, gnorm, n_fresh: int, world: int, 
     becomes everyone's decision to skip) and read the verdict. bad_slots: (n_gen + n_und,) 1
     where this rank's micro-batch of that example had a non-finite loss."""
     B = bad_slots.numel()
-    flags = torch.cat([(~torch.isfinite(sums)).float(), (~torch.isfinite(gnorm.detach().float().cpu())).float().view(1)])
+    gnorm = gnorm.detach().float().cpu().view(1)
+    flags = torch.cat([~torch.isfinite(sums), ~torch.isfinite(gnorm)]).float()  # (5,) 1 = not finite
     vec = torch.cat([sums, flags, bad_slots, torch.tensor([float(n_fresh)])])  # (4 + 5 + B_gen + B_und + 1,)
     if world > 1:
         red = vec.to(device)
@@ -339,7 +340,8 @@ class RunLog:
             self.mark = (step, now)
             losses = " ".join(f"{k} {rec[k]:.3f}" if rec[k] is not None else f"{k} nan" for k in LOSS_PARTS[:3])
             codes = f" | codes {rec['codes_used']}/{self.K}" if "codes_used" in rec else ""
-            self.log(f"step {step}/{t.max_steps} | {losses}{codes} | {sec:.2f} s/step | eta {hms(sec * (t.max_steps - step))}")
+            eta = hms(sec * (t.max_steps - step))
+            self.log(f"step {step}/{t.max_steps} | {losses}{codes} | {sec:.2f} s/step | eta {eta}")
 
     def close(self):
         if self.bar:

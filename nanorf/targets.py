@@ -100,7 +100,8 @@ class RepresentationTargets(nn.Module):
         for `restore`; None without a VQ (nothing changes then)."""
         if self.vq is None:
             return None
-        return {"vq": self.vq.snapshot(), "code_patches": self.code_patches.clone(), "code_seen": self.code_seen.clone()}
+        return {"vq": self.vq.snapshot(), "code_patches": self.code_patches.clone(),
+                "code_seen": self.code_seen.clone()}
 
     @torch.no_grad()
     def restore(self, snap: dict | None):

@@ -108,8 +108,8 @@ def test_a_non_finite_step_is_skipped_exactly(tmp_path, monkeypatch, capsys):
     assert "step 3: skipped, non-finite rep, fm, grad_norm (gen items [20, 21, 22, 23], und items [10, 11]); " \
            "1 in a row, 3 end the run" in out
 
-    # Without putting the codebook (and its mean patches) back, the NaN images would have poisoned it, and the final
-    # save refuses a model with non-finite values, so nothing is written.
+    # Without putting the codebook (and its mean patches) back, the NaN images would have poisoned
+    # it, and the final save refuses a model with non-finite values, so nothing is written.
     monkeypatch.setattr(RepresentationTargets, "restore", lambda self, snap: None)
     line = expect_cli_error(capsys, lambda: run_train(tmp_path / "unguarded", "--max-steps", "4", *mb),
                             "train.py: error: refusing to save step 4")
@@ -167,7 +167,8 @@ def test_a_save_refuses_non_finite_weights(tmp_path, monkeypatch, capsys):
         if step == 2:
             next(self.model.parameters()).data[0] = float("inf")
     monkeypatch.setattr(train.ModelEMA, "update", poisoned)
-    line = expect_cli_error(capsys, lambda: run_train(out, "--max-steps", "6", "--resume", "--set", "train.ckpt_every=2"),
+    line = expect_cli_error(capsys, lambda: run_train(out, "--max-steps", "6", "--resume",
+                                                      "--set", "train.ckpt_every=2"),
                             "train.py: error: refusing to save step 4")
     assert "non-finite values in ema." in line and "left as it was" in line
     assert (out / "ckpt.pt").read_bytes() == before and files(out) == ["ckpt.pt", "log.jsonl"]
@@ -311,7 +312,8 @@ from nanorf.variants import build_model
 args = train.parse_args(json.loads(sys.argv[1]))
 cfg = train.build_config(args)
 model = build_model(cfg.model)
-targets, ema, opt = RepresentationTargets(cfg.model, model.vit), train.ModelEMA(model, 0.9), model.configure_optimizer(cfg.train)
+targets, ema = RepresentationTargets(cfg.model, model.vit), train.ModelEMA(model, 0.9)
+opt = model.configure_optimizer(cfg.train)
 path = train.Path(args.out_dir) / "ckpt.pt"
 for n, line in enumerate(sys.stdin):  # one line per round: the delay before the kill
     r, w = os.pipe()
