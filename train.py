@@ -32,24 +32,23 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanorf.checkpoint import (CheckpointError, atomic_path, check_model_config, checkpoint_state, load_checkpoint,
-                               load_vit_weights, nonfinite, remove_stale_temps, write_checkpoint)
+from nanorf.checkpoint import CheckpointError, check_model_config, load_checkpoint, load_vit_weights, remove_stale_temps
 from nanorf.config import PRESETS, Config, apply_overrides, get_config
 from nanorf.data import DataError, ImageCaptionFolder
+from nanorf.guard import RunStopped, agree_on_step, check_bad_fraction, save, share_bad_items
 from nanorf.model import RFModel, validate
+from nanorf.runlog import RunLog, step_record
 from nanorf.stages import apply_stage, freeze, initial_model, load_weights_from, parse_freeze
 from nanorf.stream import Stream
 from nanorf.targets import RepresentationTargets
@@ -191,179 +190,6 @@ def micro_batch_sizes(t, world: int) -> tuple[int, int, int]:
                          f"and und_batch_size {t.und_batch_size} over the same number of micro-batches")
     accum = t.batch_size // (world * mb)
     return accum, mb, t.und_batch_size // (world * accum)
-
-
-class RunStopped(RuntimeError):
-    """The run cannot usefully go on (too many non-finite steps in a row); the last good
-    checkpoint is left as it was."""
-
-
-LOSS_PARTS = ("lm", "rep", "fm", "aux")  # aux: a routed-MoE decoder's load-balancing loss, else 0
-
-
-@dataclass
-class StepVerdict:
-    """What every rank knows after a step's one all-reduce, so all take the same decision."""
-    losses: torch.Tensor       # (4,) LOSS_PARTS of the global batch (NaN where a part was not finite)
-    bad: list[str]             # the parts that were not finite, of LOSS_PARTS and "grad_norm"
-    bad_gen: list[int]         # global-batch positions of micro-batches whose loss was not finite
-    bad_und: list[int]
-    fresh_bad_items: int       # undecodable folder images found this step, summed over ranks
-
-    @property
-    def ok(self) -> bool:
-        return not self.bad
-
-
-def agree_on_step(sums, bad_slots, n_gen: int, gnorm, n_fresh: int, world: int, device) -> StepVerdict:
-    """All-reduce the step's losses and its health flags in one collective (a NaN on one rank
-    becomes everyone's decision to skip) and read the verdict. bad_slots: (n_gen + n_und,) 1
-    where this rank's micro-batch of that example had a non-finite loss."""
-    B = bad_slots.numel()
-    gnorm = gnorm.detach().float().cpu().view(1)
-    flags = torch.cat([~torch.isfinite(sums), ~torch.isfinite(gnorm)]).float()  # (5,) 1 = not finite
-    vec = torch.cat([sums, flags, bad_slots, torch.tensor([float(n_fresh)])])  # (4 + 5 + B_gen + B_und + 1,)
-    if world > 1:
-        red = vec.to(device)
-        dist.all_reduce(red)
-        vec = red.cpu()
-        vec[:4] /= world  # the global batch's mean losses, not rank 0's share
-    flags, slots = vec[4:9] > 0, vec[9:9 + B] > 0
-    return StepVerdict(losses=vec[:4], bad=[n for n, f in zip((*LOSS_PARTS, "grad_norm"), flags) if f],
-                       bad_gen=slots[:n_gen].nonzero().flatten().tolist(),
-                       bad_und=slots[n_gen:].nonzero().flatten().tolist(), fresh_bad_items=int(vec[-1]))
-
-
-def share_bad_items(stream: Stream, world: int) -> list[tuple[int, str]]:
-    """The undecodable folder images any rank found this step, as (index, error), now known to
-    every rank (so they all skip them from here on and count the same)."""
-    found = stream.take_fresh()
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, found)
-        found = list(dict(pair for part in everyone for pair in part).items())  # once each, rank order
-        stream.bad.update(found)
-    return found
-
-
-def check_bad_fraction(stream: Stream, limit: float):
-    n = len(stream.gen)
-    if len(stream.bad) > limit * n:
-        examples = "; ".join(list(stream.bad.values())[:3])
-        raise DataError(f"{len(stream.bad)} of {n} images in {stream.gen.root} do not decode, more than "
-                        f"train.max_bad_fraction = {limit}: {examples}; list them all with "
-                        f"python -m nanorf.data --check {stream.gen.root}")
-
-
-def save(path: Path, cfg: Config, step: int, model, ema: ModelEMA, opt, targets, world: int, master: bool):
-    """Every rank checks that what would be saved is finite (the weights are the same on every
-    rank) and they agree, so all stop together; rank 0 writes. A non-finite model raises
-    CheckpointError and no file is touched."""
-    state = checkpoint_state(cfg, step, model, ema.model, opt, targets)
-    bad = nonfinite({k: state[k] for k in ("model", "ema", "optimizer", "targets")})
-    if world > 1:
-        flag = torch.tensor([float(bool(bad))], device=next(model.parameters()).device)
-        dist.all_reduce(flag)
-        bad = bad or (["(on another rank)"] if flag.item() > 0 else [])
-    if bad:
-        raise CheckpointError(f"refusing to save step {step}: non-finite values in {', '.join(bad[:3])}; "
-                              f"{path} left as it was")
-    if master:
-        write_checkpoint(path, state, cfg.train.keep)
-
-
-def hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-class RunLog:
-    """Rank 0's account of the run: records in log.jsonl, and the console: tqdm when stdout and
-    stderr are a terminal, otherwise (nohup, `> log`, a job scheduler) one compact line every
-    `log_every` steps: step, losses, codebook usage, s/step, ETA. Skipped steps and bad images
-    are always written and said."""
-
-    def __init__(self, path: Path, resume_step: int | None, t, codebook_size: int, log=print):
-        from tqdm import tqdm
-        self.f = self._open(path, resume_step)
-        self.t, self.K, self.log = t, codebook_size, log
-        tty = sys.stdout.isatty() and sys.stderr.isatty()
-        step = resume_step or 0
-        self.bar = tqdm(total=t.max_steps, initial=step, dynamic_ncols=True) if tty else None
-        self.mark = (step, time.time())  # (step, time) of the last line, for s/step
-
-    @staticmethod
-    def _open(path: Path, resume_step: int | None):
-        """log.jsonl for appending. On resume, records past the checkpoint's step (written after
-        it by a run that then crashed, and about to be written again) are dropped first, so the
-        log reads as one run."""
-        if resume_step is None or not path.is_file():
-            return open(path, "w")
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
-                kept.append(line + "\n")
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text("".join(kept))
-        return open(path, "a")
-
-    def say(self, msg: str):
-        self.bar.write(msg) if self.bar else self.log(msg)
-
-    def write(self, rec: dict):
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-
-    def bad_items(self, step: int, found: list[tuple[int, str]], n_bad: int, n: int):
-        for j, why in found:
-            self.say(f"step {step}: {why}; using the next image that decodes instead ({n_bad} of {n} bad so far)")
-            self.write({"step": step, "bad_item": j, "error": why, "bad_items": n_bad})
-
-    def step(self, rec: dict, in_a_row: int):
-        step, t = rec["step"], self.t
-        if "skipped" in rec:
-            self.say(f"step {step}: skipped, non-finite {', '.join(rec['skipped'])} (gen items {rec['gen_items']}, "
-                     f"und items {rec['und_items']}); {in_a_row} in a row, {t.max_bad_steps} end the run")
-        due = step % t.log_every == 0 or step == t.max_steps
-        if due or "skipped" in rec:
-            self.write(rec)
-        if self.bar:
-            self.bar.set_postfix({k: rec[k] for k in LOSS_PARTS[:3]}, refresh=False)
-            self.bar.update(1)
-        elif due:
-            now = time.time()
-            sec = (now - self.mark[1]) / max(1, step - self.mark[0])
-            self.mark = (step, now)
-            losses = " ".join(f"{k} {rec[k]:.3f}" if rec[k] is not None else f"{k} nan" for k in LOSS_PARTS[:3])
-            codes = f" | codes {rec['codes_used']}/{self.K}" if "codes_used" in rec else ""
-            eta = hms(sec * (t.max_steps - step))
-            self.log(f"step {step}/{t.max_steps} | {losses}{codes} | {sec:.2f} s/step | eta {eta}")
-
-    def close(self):
-        if self.bar:
-            self.bar.close()
-        self.f.close()
-
-
-def step_record(step: int, v: StepVerdict, gnorm, lr: float, t0: float, targets, stream: Stream) -> dict:
-    """The log.jsonl record of a step: losses, grad norm, lr, time, codebook usage; for a skipped
-    step, which parts went bad and the items of the micro-batches that made them."""
-    finite = lambda x: round(float(x), 4) if math.isfinite(float(x)) else None  # noqa: E731 (JSON has no NaN)
-    rec = {"step": step, **{k: finite(x) for k, x in zip(LOSS_PARTS[:3], v.losses)},
-           "grad_norm": finite(gnorm), "lr": lr, "time": round(time.time() - t0, 1)}
-    if v.ok and targets is not None and targets.vq is not None:
-        rec.update(codes_used=int(targets.vq.last_usage), code_perplexity=round(float(targets.vq.last_perplexity), 1))
-    if stream.bad:
-        rec["bad_items"] = len(stream.bad)
-    if not v.ok:  # the micro-batches with a non-finite loss, or the whole batch if only the gradient was
-        t = stream.cfg.train
-        gen, und = (v.bad_gen, v.bad_und) if v.bad_gen else (range(t.batch_size), range(t.und_batch_size))
-        rec.update(skipped=v.bad, gen_items=stream.gen_ids(step - 1, gen), und_items=stream.und_ids(step - 1, und))
-    return rec
 
 
 def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) -> dict:

@@ -307,6 +307,7 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 import train
+from nanorf import guard
 from nanorf.targets import RepresentationTargets
 from nanorf.variants import build_model
 args = train.parse_args(json.loads(sys.argv[1]))
@@ -323,7 +324,7 @@ for n, line in enumerate(sys.stdin):  # one line per round: the delay before the
             step = 1000 * (n + 1)
             while True:
                 step += 1
-                train.save(path, cfg, step, model, ema, opt, targets, world=1, master=True)
+                guard.save(path, cfg, step, model, ema, opt, targets, world=1, master=True)
                 if step == 1000 * (n + 1) + 1:
                     os.write(w, b"x")
         finally:
