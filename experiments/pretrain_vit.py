@@ -15,7 +15,8 @@ jointly through the understanding loss and its EMA copy makes the targets.
 
 The task (our choice; any shape-aware pretraining would do): each ViT patch gets one of
 1 + 6 x 3 classes, background or (colour, shape) of the object that covers at least a
-quarter of it (objects in a scene have different colours, so colour picks the object).
+quarter of it (or, for patches as large as a cell, holds most of the object), read from the
+item's exact object_map (in the world v2 two objects may share a colour).
 A linear head reads the patch tokens before the final norm, the features the targets use;
 the loss is the mean CE over object patches plus that over background patches (about 90%
 of the patches are background and would otherwise drown the shapes).
@@ -36,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanorf.checkpoint import save_vit_weights
-from nanorf.config import PRESETS, ViTConfig, get_config
+from nanorf.config import PRESETS, ViTConfig, apply_overrides, get_config
 from nanorf.data import COLORS, SHAPES, ShapesWorld, palette_index
 from nanorf.patches import images_to_tensor
 from nanorf.vit import ViT
@@ -44,27 +45,36 @@ from nanorf.vit import ViT
 N_CLASSES = 1 + len(COLORS) * len(SHAPES)
 
 
-def patch_labels(image: np.ndarray, scene, patch: int) -> torch.Tensor:
-    """(H, W, 3) uint8 render and its scene -> (H/p * W/p,) class ids in raster order:
-    0 background, 1 + 3 * colour + shape for the object covering >= 1/4 of the patch."""
-    cls = palette_index(image)                                                    # (H, W) 0..6
-    shape_of = {COLORS.index(o.color) + 1: SHAPES.index(o.shape) for o in scene.objects}
-    H, W = cls.shape
-    tiles = cls.reshape(H // patch, patch, W // patch, patch).transpose(0, 2, 1, 3).reshape(-1, patch * patch)
+def patch_labels(image: np.ndarray, scene, patch: int, objects: np.ndarray | None = None) -> torch.Tensor:
+    """(H, W, 3) uint8 render and its scene -> (H/p * W/p,) class ids in raster order: 0 background,
+    else 1 + 3 * colour + shape of the object with the most pixels in the patch, when it covers at
+    least a quarter of the patch or holds at least half of its own pixels there (a patch as
+    large as a cell holds most of a small triangle, which covers less than a quarter of it).
+    objects: the item's exact object_map (0 background, k + 1 for scene.objects[k]); the world v2
+    lets two objects share a colour, so pass it. Without it, colour picks the object (v1 scenes)."""
+    if objects is None:
+        first = {COLORS.index(o.color) + 1: k + 1 for k, o in reversed(list(enumerate(scene.objects)))}
+        objects = np.vectorize(lambda c: first.get(int(c), 0), otypes=[np.int64])(palette_index(image))
+    objs = np.asarray(objects).astype(np.int64)                                   # (H, W) 0 bg, k+1 object k
+    n = len(scene.objects)
+    label_of = [0] + [1 + 3 * COLORS.index(o.color) + SHAPES.index(o.shape) for o in scene.objects]
+    sizes = np.bincount(objs.ravel(), minlength=n + 1)
+    H, W = objs.shape
+    tiles = objs.reshape(H // patch, patch, W // patch, patch).transpose(0, 2, 1, 3).reshape(-1, patch * patch)
     out = []
     for t in tiles:
-        counts = np.bincount(t, minlength=1 + len(COLORS))
+        counts = np.bincount(t, minlength=n + 1)
         counts[0] = 0
-        c = int(counts.argmax())
-        ok = counts[c] * 4 >= patch * patch and c in shape_of
-        out.append(1 + 3 * (c - 1) + shape_of[c] if ok else 0)
+        k = int(counts.argmax())
+        ok = k > 0 and (counts[k] * 4 >= patch * patch or counts[k] * 2 >= sizes[k])
+        out.append(label_of[k] if ok else 0)
     return torch.tensor(out)
 
 
 def batch(world: ShapesWorld, start: int, n: int, patch: int):
     items = [world[i] for i in range(start, start + n)]
     return (images_to_tensor([it["image"] for it in items]),
-            torch.stack([patch_labels(it["image"], it["scene"], patch) for it in items]))
+            torch.stack([patch_labels(it["image"], it["scene"], patch, it["object_map"]) for it in items]))
 
 
 @torch.no_grad()
@@ -107,6 +117,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Pretrain the toy's ViT to tell shapes apart (a stand-in for DINOv3).")
     p.add_argument("--config", default="toy", choices=sorted(PRESETS), help="preset whose ViT and image size to use")
     p.add_argument("--steps", type=int, default=1000, help="optimiser steps (batch 64)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the preset, as train.py --set (e.g. model.image_size=48)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data stream")
     p.add_argument("--out", required=True, help="where to write the ViT weights (for train.py --vit-init)")
     args = p.parse_args(argv)
@@ -114,7 +126,7 @@ def main(argv=None):
     if not out.parent.is_dir():
         print(f"experiments.pretrain_vit: error: folder {out.parent} does not exist", file=sys.stderr)
         sys.exit(2)
-    cfg = get_config(args.config).model
+    cfg = apply_overrides(get_config(args.config), args.set).model
     vit, acc = pretrain(cfg.vit, cfg.image_size, args.steps, seed=args.seed)
     save_vit_weights(out, vit, {"held_out": acc})
     print(f"wrote {out}")

@@ -7,7 +7,7 @@ Algorithm 1), the MoT transformer ("MoT routing"), flow matching ("Losses and fl
 matching"), sampling ("Sampling") and the training recipe ("Training recipe and stages").
 
 Presets:
-  toy        the CPU smoke test on the 32x32 shapes world (minutes on 2 cores)
+  toy        the CPU smoke test on the 48x48 shapes world (minutes on 2 cores)
   small      a single-GPU run on the 64x64 shapes world or a small image folder
   paper256   the paper's ablation shapes: 256 px, patch 16, 2x2 pooling, K=16,384
   paper1024  the paper's main-result shapes: 1024 px (1,024 rep tokens, 4,096 pixel patches)
@@ -236,24 +236,35 @@ def _from_dict(cls, d):
 
 
 def _toy() -> Config:
-    # The CPU smoke test, tuned on 2 cores for a ~13 minute run. Differences from the paper's
-    # shapes, each for the toy only:
-    #  * pixel patch 8 with ViT patch 4: the 2x2 pooling still gives a 4x4 grid of rep tokens
-    #    (8x8 px each), and each rep token now covers one pixel patch instead of four, which
-    #    halves the sequence; patch 4 was 1.5x slower per step and no better after 11 minutes.
+    # The CPU smoke test on 2 cores (~13 minutes). Differences from the paper's shapes, each for
+    # the toy only; measurements from issue 9's recipe runs (shapes world v2, one seed):
+    #  * 48 px canvas, ViT patch 16, pooling 1: one ViT patch, and so one representation token,
+    #    per cell of the 3x3 world (N = 9). Patch 16 also makes understanding cheap (9 ViT tokens
+    #    instead of 64): the step costs 0.96x the 32 px recipe's (3.32 vs 3.44 s, one thread,
+    #    same load). Its codes already tell the cells' contents apart from a random encoder
+    #    (a code predicts the cell's colour+shape class for 0.90 of cells at step 0, 0.92 with
+    #    the encoder of experiments.pretrain_vit, so that stage is not worth its minutes here).
+    #    Pooling 1 instead of the paper's 2x2 keeps N = 9; a rep token still covers 4 pixel
+    #    patches, as in the paper.
+    #  * pixel patch 8 (36 patches, 192 values each), not 16: the pixel head is linear from the
+    #    MoT width, so a patch of 768 values is drawn from at most 128 directions. The best
+    #    rank-128 linear reconstruction of 16 px patches (PCA) already scores only 0.55 strict
+    #    (1.0 extra object per image: blurred rims); at patch 8 it scores 1.0. At patch 16 the
+    #    run had 21 extras per image and strict 0.00 at step 400, and its x-prediction from a
+    #    nearly clean input (t = 0.95) still had 9 extras per image.
     #  * tau = 0.01 instead of 0.5: features of a from-scratch encoder on a mostly black world
-    #    are nearly collinear (mean cosine 0.92), so at tau = 0.5 the code softmax is flat and
-    #    the batch softmax decides: the same image got the same code only 29% of the time when
-    #    its batch-mates changed, and L_Rep could not fall below the code entropy. At 0.01 it is
-    #    98%, and 94% of assignments are the nearest prototype.
+    #    are nearly collinear (mean cosine 0.84 at 48 px / patch 16), so at tau = 0.5 the code
+    #    softmax is flat and the batch softmax decides (measured on the 32 px world: the same
+    #    image got the same code only 29% of the time when its batch-mates changed; 98% at 0.01).
     #  * encoder EMA 0.999 and codebook momentum 0.99: targets that move slowly enough for a
-    #    ~800-step run to learn them; K = 64 codes for 16 tokens of a 6-colour world.
+    #    ~800-step run to learn them; K = 64 codes for 9 tokens of a world of 19 cell contents
+    #    (about 13 codes are in use; perplexity ~3, most cells being empty).
     return Config(
         name="toy",
         model=ModelConfig(
-            image_size=32, patch_size=8, max_text_len=160,
-            vit=ViTConfig(patch_size=4, dim=96, depth=3, heads=3, layerscale_init=0.1),
-            vq=VQConfig(codebook_size=64, tau=0.01, momentum=0.99, encoder_ema=0.999),
+            image_size=48, patch_size=8, max_text_len=160,
+            vit=ViTConfig(patch_size=16, dim=96, depth=3, heads=3, layerscale_init=0.1),
+            vq=VQConfig(codebook_size=64, tau=0.01, momentum=0.99, pool=1, encoder_ema=0.999),
             mot=MoTConfig(dim=128, depth=4, heads=4),
         ),
         train=TrainConfig(batch_size=64, und_batch_size=16, lr=1e-3, new_param_lr_mult=1.0,

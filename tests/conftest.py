@@ -3,8 +3,9 @@ the tiny command line of train.py / sample.py, and what the end-to-end tests sha
 
 Tiny shapes: image 16x16, pixel patch 4 (M = 16 patches of 48 values), ViT patch 4
 (V = 16 ViT tokens), rep grid 2 (N = 4 representation tokens), K = 16 codes,
-MoT width 32, 2 blocks, 2 heads. The command line (TINY_ARGS) keeps the toy's 32x32 world
-with the tiny widths.
+MoT width 32, 2 blocks, 2 heads. The command line (TINY_ARGS) runs the toy preset with the tiny
+widths on the 32x32 world these tests were written for (pixel patch 8, ViT patch 4, 2x2 pooling:
+4x4 rep tokens), whatever geometry the toy recipe itself uses.
 """
 
 import json
@@ -22,6 +23,8 @@ TINY_ARGS = ["--config", "toy",
              "--set", "model.mot.dim=32", "--set", "model.mot.depth=2", "--set", "model.mot.heads=2",
              "--set", "model.vit.dim=32", "--set", "model.vit.depth=1", "--set", "model.vit.heads=2",
              "--set", "model.vq.codebook_size=16", "--set", "model.sample.steps=2",
+             "--set", "model.image_size=32", "--set", "model.patch_size=8",
+             "--set", "model.vit.patch_size=4", "--set", "model.vq.pool=2",
              "--set", "train.batch_size=8", "--set", "train.und_batch_size=4", "--eval-per-kind", "0"]
 
 TINY = [

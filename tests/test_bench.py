@@ -19,10 +19,10 @@ def test_trunk_flops_hand_count():
 
 def test_vit_flops_hand_count():
     cfg = get_config("toy").model
-    v = cfg.vit  # 32 px, patch 4: 64 patches + CLS + 4 registers = 69 tokens, dim 96, depth 3, MLP 384
-    n = 69
+    v = cfg.vit  # 48 px, patch 16: 9 patches + CLS + 4 registers = 14 tokens, dim 96, depth 3, MLP 384
+    n = 14
     per_token_layer = 2 * (4 * 96 * 96 + 2 * 96 * 384) + 4 * n * 96
-    patch_embed = 2 * 32 * 32 * 3 * 96
+    patch_embed = 2 * 48 * 48 * 3 * 96
     assert vit_flops(2, cfg) == 2 * (n * v.depth * per_token_layer + patch_embed)
 
 
