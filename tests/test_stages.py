@@ -19,7 +19,7 @@ pytest.importorskip("tokenizers", reason="the Qwen tokenizer needs the tokenizer
 pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 # 64 px, DINOv3's patch 16: a 4x4 ViT grid pooled 2x2 -> 4 rep tokens; pixel patch 16 -> 16 patches
-RUN = ["--config", "toy", "--set", "model.image_size=64", "--set", "model.patch_size=16",
+RUN = ["--config", "toy", "--set", "model.image_size=64", "--set", "model.patch_size=16", "--set", "model.vq.pool=2",
        "--set", "model.vq.codebook_size=16", "--set", "model.max_text_len=40", "--set", "model.sample.steps=2",
        "--set", "train.batch_size=4", "--set", "train.und_batch_size=4", "--set", "train.warmup_steps=1",
        "--set", "train.log_every=1", "--eval-per-kind", "0", "--max-steps", "2"]
