@@ -351,6 +351,8 @@ def final_report(cfg: Config, out_dir: Path, ema_model: RFModel, log=print) -> d
 
 def main(argv=None):
     args = parse_args(argv)
+    if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # `nohup ... > log`: each progress line as it is printed
     try:
         cfg = build_config(args)
         out_dir = Path(args.out_dir or f"out/{cfg.name}")

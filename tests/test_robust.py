@@ -478,3 +478,20 @@ def test_torchrun_restarts_a_lost_rank_and_ends_where_an_unbroken_run_does(tmp_p
     same_training(load_checkpoint(tmp_path / "ref" / "ckpt.pt"), load_checkpoint(out / "ckpt.pt"), atol=ATOL_DDP)
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4, 5]  # the restart's replayed steps once each
     assert files(out) == ["ckpt.pt", "log.jsonl"]
+
+
+def test_progress_lines_reach_a_pipe_while_the_run_goes_on(tmp_path):
+    """Without a TTY, stdout is a file or a pipe, which Python block-buffers: the progress lines
+    must arrive as they are printed, not when the run ends."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY_ARGS, "--set", "train.log_every=1",
+           "--max-steps", "1000", "--out-dir", str(tmp_path / "run")]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True)
+    try:
+        first = p.stdout.readline()                    # blocks until a line arrives (or the run ends)
+        assert first.startswith("step 1/1000 |"), first
+        assert p.poll() is None                        # ... and it arrived while the run was still going
+    finally:
+        p.kill()
+        p.wait()
+
