@@ -31,7 +31,7 @@ TINY = [
     "model.mot.dim=32", "model.mot.depth=2", "model.mot.heads=2",
     "model.vit.dim=32", "model.vit.depth=1", "model.vit.heads=2",
     "model.vq.codebook_size=16", "model.image_size=16", "model.patch_size=4",
-    "model.vit.patch_size=4", "model.max_text_len=40",
+    "model.vit.patch_size=4", "model.vq.pool=2", "model.max_text_len=40",
 ]
 
 
@@ -97,6 +97,23 @@ def ckpt(tmp_path_factory, single_thread_module):
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     train.main([*TINY_ARGS, "--max-steps", "2", "--out-dir", str(out)])
     return out / "ckpt.pt"
+
+
+def noise_folder(root, n: int = 8) -> Path:
+    """n random-noise 32x32 PNGs and captions.jsonl: every patch feature is distinct, so no two
+    codes tie exactly. (In the shapes world the black background gives many identical features
+    and near-duplicate prototypes; their p_ik tie to the last bit and the argmax then follows the
+    float summation order, which differs between 1 and 2 processes.)"""
+    import numpy as np
+    from PIL import Image
+    root = Path(root)
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(root / "captions.jsonl", "w") as f:
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
+            f.write(json.dumps({"file": f"{i}.png", "text": f"noise image number {i}"}) + "\n")
+    return root
 
 
 def subprocess_env(**extra) -> dict:

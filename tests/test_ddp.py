@@ -30,15 +30,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import train
 from nanorf.checkpoint import load_checkpoint
 
-from conftest import ROOT, TINY_ARGS, read_log, state_equal, subprocess_env
+from conftest import ROOT, TINY_ARGS, noise_folder, read_log, state_equal, subprocess_env
 
 TINY = [*TINY_ARGS, "--set", "train.log_every=1", "--set", "train.ckpt_every=0", "--device", "cpu"]
 ATOL = 1e-5  # reduction order differs (gradient all-reduce, VQ sums), so not bit-exact
@@ -100,20 +98,6 @@ def wait_ranks(tmp: Path, procs: list[subprocess.Popen], timeout: float = 240.0)
 
 def ranked_argv(args: list[str], dirs: list[Path]) -> list[list[str]]:
     return [[*TINY, *args, "--out-dir", str(d)] for d in dirs]
-
-
-def noise_folder(root: Path, n: int = 8) -> Path:
-    """Random-noise images: every patch feature is distinct, so no two codes tie exactly.
-    (In the shapes world the black background gives many identical features and
-    near-duplicate prototypes; their p_ik tie to the last bit and the argmax then follows
-    the float summation order, which differs between 1 and 2 processes.)"""
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    with open(root / "captions.jsonl", "w") as f:
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
-            f.write(json.dumps({"file": f"{i}.png", "text": f"noise image number {i}"}) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from nanorf.targets import RepresentationTargets
 from nanorf.stream import Stream
 
 import faults
-from conftest import ROOT, TINY_ARGS, expect_cli_error, read_log, state_equal, subprocess_env
+from conftest import ROOT, TINY_ARGS, expect_cli_error, noise_folder, read_log, state_equal, subprocess_env
 
 TINY = [*TINY_ARGS, "--set", "train.log_every=1", "--set", "train.ckpt_every=100", "--device", "cpu"]
 ATOL_DDP = 1e-5  # 2 processes reduce in another order than 1 (tests/test_ddp.py)
@@ -54,17 +54,6 @@ def same_training(a: dict, b: dict, atol: float = 0.0):
     assert len(a["optimizer"]["state"]) == len(b["optimizer"]["state"])
     for i, (sa, sb) in enumerate(zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())):
         state_equal(sa, sb, atol=atol, what=f"optimizer state {i}")
-
-
-def noise_folder(root: Path, n: int = 8) -> Path:
-    """n random-noise 32x32 PNGs and their captions (no two target codes tie; tests/test_ddp.py)."""
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    with open(root / "captions.jsonl", "w") as f:
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
-            f.write(json.dumps({"file": f"{i}.png", "text": f"noise image number {i}"}) + "\n")
-    return root
 
 
 def truncate(path: Path):
