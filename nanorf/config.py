@@ -283,7 +283,7 @@ def _small() -> Config:
     return Config(
         name="small",
         model=ModelConfig(
-            image_size=64, patch_size=8, max_text_len=96,
+            image_size=64, patch_size=8, max_text_len=160,
             vit=ViTConfig(patch_size=8, dim=256, depth=6, heads=4, layerscale_init=0.1),
             vq=VQConfig(codebook_size=512, momentum=0.999, encoder_ema=0.999),
             mot=MoTConfig(dim=384, depth=8, heads=6),

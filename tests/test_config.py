@@ -33,6 +33,9 @@ def test_every_preset_builds_at_its_token_counts_and_round_trips(name):
     assert model.n_pix == (m.image_size // m.patch_size) ** 2
     assert model.n_rep == (m.image_size // m.vit.patch_size // m.vq.pool) ** 2
     assert model.rep_pos.shape == (model.n_rep, m.mot.dim)
+    # every preset can train on the shapes world: its longest answer (a 4-object description) fits
+    from nanorf.shapes import MAX_ANSWER_BYTES
+    assert m.max_text_len >= MAX_ANSWER_BYTES
     # the tokens a layout holds for one generation example: [BOS] [BOR] r [BOP] p
     lay = model.gen_layout([[]], model.n_rep, model.n_pix)
     assert lay.tokens.shape == (1, 3 + model.n_rep + model.n_pix)
