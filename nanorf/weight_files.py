@@ -52,20 +52,25 @@ def safetensors_load():
     return load_file
 
 
+def safetensors_files(path: Path) -> tuple[list[Path], set | None]:
+    """The weight files of a Hugging Face folder: model.safetensors, or the shards its index
+    lists, with the tensor names the index promises (None for a single file)."""
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"], None
+    if not index.is_file():
+        raise CheckpointError(f"{path} holds no model.safetensors (nor model.safetensors.index.json)")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))], set(weight_map)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot read {index}: {one_line(e)}") from None
+
+
 def read_safetensors_dir(path: Path, what: str) -> dict:
     """Every tensor of a Hugging Face folder: model.safetensors, or the shards its index lists."""
     index = path / "model.safetensors.index.json"
-    expected = None
-    if (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            expected, files = set(weight_map), [path / f for f in sorted(set(weight_map.values()))]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"cannot read {index}: {one_line(e)}") from None
-    else:
-        raise CheckpointError(f"{path} holds no model.safetensors (nor model.safetensors.index.json)")
+    files, expected = safetensors_files(path)
     load_file = safetensors_load()
     sd = {}
     for f in files:
@@ -94,19 +99,7 @@ def read_state_dict(path, check_hash: bool = True) -> tuple[dict, dict | None]:
             hf_config = json.loads(cfg_file.read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {cfg_file}: {one_line(e)}") from None
-    if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if (path / "model.safetensors").is_file():
-            files = [path / "model.safetensors"]
-        elif index.is_file():
-            try:
-                files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"cannot read {index}: {one_line(e)}") from None
-        else:
-            raise CheckpointError(f"{path} holds no model.safetensors (nor model.safetensors.index.json)")
-    else:
-        files = [path]
+    files = safetensors_files(path)[0] if path.is_dir() else [path]
     sd = {}
     for f in files:
         if not f.is_file():
