@@ -45,7 +45,7 @@ from nanorf.data import KINDS, draw_scene, held_out_prompts, render
 from nanorf.eval import detect, score_images
 from nanorf.patches import images_to_tensor, tensor_to_images
 from nanorf.sampler import draw_plan, sample_pixels, text_to_image
-from nanorf.targets import RepresentationTargets
+from nanorf.targets import RepresentationTargets, targets_from_checkpoint
 from nanorf.vq import codebook_stats
 
 OPEN_KINDS = ("single", "two", "counting", "position")   # the kinds whose prompts leave the cells open
@@ -129,16 +129,12 @@ def main(argv=None):
     try:
         if args.n < 1:
             raise CheckpointError("--n must be at least 1")
-        model, cfg, step = load_model(args.ckpt)
         ck = load_checkpoint(args.ckpt)
+        model, cfg, step = load_model(args.ckpt, ck=ck)
     except CheckpointError as e:
         print(f"experiments.probe: error: {e}", file=sys.stderr)
         sys.exit(2)
-    targets = None
-    if ck.get("targets") is not None:
-        targets = RepresentationTargets(cfg.model, model.vit)
-        targets.load_state_dict(ck["targets"])
-        targets.eval()
+    targets = targets_from_checkpoint(ck, cfg.model, model.vit)
     r = probe(model, targets, args.n, args.seed)
     print(f"{args.ckpt} (step {step}): {args.n} held-out prompts and their real renders")
     print("| images scored | " + " | ".join(KEYS) + " |")

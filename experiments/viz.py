@@ -30,7 +30,7 @@ from nanorf.config import get_config
 from nanorf.model import RFModel
 from nanorf.patches import images_to_tensor, tensor_to_images
 from nanorf.mot import PAD, PIX, REP, UND
-from nanorf.targets import RepresentationTargets
+from nanorf.targets import targets_from_checkpoint
 
 COLOURS = {UND: (120, 120, 120), REP: (235, 140, 30), PIX: (40, 110, 230), PAD: (225, 225, 225)}
 
@@ -78,12 +78,10 @@ def load(ckpt: str):
     """The checkpoint's EMA model and its target maker (EMA encoder, codebook, code patches)."""
     from nanorf.checkpoint import load_checkpoint, load_model
     ck = load_checkpoint(ckpt)
-    model, cfg, _ = load_model(ckpt, ck=ck)
     if ck.get("targets") is None or "code_patches" not in ck["targets"]:
         raise SystemExit("experiments.viz: error: this checkpoint has no discrete rep tokens to draw")
-    targets = RepresentationTargets(cfg.model, model.vit).eval()
-    targets.load_state_dict(ck["targets"])
-    return model, targets
+    model, cfg, _ = load_model(ckpt, ck=ck)
+    return model, targets_from_checkpoint(ck, cfg.model, model.vit)
 
 
 @torch.no_grad()

@@ -110,3 +110,13 @@ class RepresentationTargets(nn.Module):
             self.vq.restore(snap["vq"])
             self.code_patches.copy_(snap["code_patches"])
             self.code_seen.copy_(snap["code_seen"])
+
+
+def targets_from_checkpoint(ck: dict, cfg: ModelConfig, vit: ViT) -> RepresentationTargets | None:
+    """A loaded checkpoint's target maker (EMA encoder, codebook, code patches), in eval mode;
+    None for a run that had none (pixel-only)."""
+    if ck.get("targets") is None:
+        return None
+    targets = RepresentationTargets(cfg, vit).eval()
+    targets.load_state_dict(ck["targets"])
+    return targets
