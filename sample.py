@@ -3,6 +3,7 @@
     python sample.py --ckpt out/toy/ckpt.pt --prompt "a red circle at the top left" --out red.png
     python sample.py --ckpt out/toy/ckpt.pt --prompts-file prompts.txt --out-dir samples/
     python sample.py --ckpt out/toy/ckpt.pt --prompts-file prompts.txt --grid grid.png
+    python sample.py --ckpt out/toy/ckpt.pt --prompt "a red circle" --size 48x64 --out wide.png   # H x W
     python sample.py --ckpt out/toy/ckpt.pt --image red.png --question "what color is the circle?"
 
 Images are written at the model's native resolution; `--rep-map` also writes the sampled
@@ -36,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--grid", help="also (or only) write all images of --prompts-file as one PNG grid")
     p.add_argument("--rep-map", action="store_true",
                    help="also write NAME.rep.png: the sampled plan, each rep token drawn as its code's mean patch")
+    p.add_argument("--size", default=None, metavar="HxW",
+                   help="image size to paint, height x width in pixels (e.g. 48x64); any multiple of the "
+                        "model's patch x pool works (default: the config's square canvas)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the config's, 25)")
     p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver")
@@ -69,11 +73,27 @@ def save_png(img: np.ndarray, path: Path):
         Image.fromarray(img).save(tmp, format="PNG")
 
 
-def rep_map(codes: torch.Tensor, code_patches: torch.Tensor) -> np.ndarray:
-    """(N,) sampled codes -> (H, W, 3) uint8: the plan drawn as each code's mean training patch."""
+def rep_map(codes: torch.Tensor, code_patches: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """(N,) sampled codes on an h x w grid -> (H, W, 3) uint8: the plan drawn as each code's
+    mean training patch."""
     from nanorf.patches import tensor_to_images
     from nanorf.sampler import draw_plan
-    return tensor_to_images(draw_plan(codes[None], code_patches))[0]
+    return tensor_to_images(draw_plan(codes[None], code_patches, grid))[0]
+
+
+def parse_size(text: str | None, cfg) -> tuple[int, int] | None:
+    """'48x64' -> (48, 64), checked against the model (ModelConfig.grids)."""
+    if text is None:
+        return None
+    try:
+        H, W = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        fail(f"--size {text!r} is not HxW (e.g. 48x64)")
+    try:
+        cfg.grids((H, W))
+    except ValueError as e:
+        fail(f"--size {text}: {e}")
+    return H, W
 
 
 def read_prompts(args) -> list[str]:
@@ -110,16 +130,17 @@ def main(argv=None):
         fail(str(e))
     code_patches = (ck.get("targets") or {}).get("code_patches")  # None: no discrete codes to draw
     gen = torch.Generator().manual_seed(args.seed)
+    size = parse_size(args.size, cfg.model)
 
     if args.image:
-        from PIL import Image, UnidentifiedImageError
+        from nanorf.data import DataError, decode_rgb, fit_to_budget, resize_to
         try:
-            img = np.asarray(Image.open(args.image).convert("RGB"))
-        except (OSError, UnidentifiedImageError) as e:
-            fail(f"cannot read image {args.image}: {e}")
-        s = cfg.model.image_size
-        if img.shape[:2] != (s, s):
-            fail(f"image {args.image} is {img.shape[1]}x{img.shape[0]}; this model reads {s}x{s}")
+            im = decode_rgb(args.image)
+        except DataError as e:
+            fail(str(e))
+        # any size: read the way training folders are (aspect kept, the model's pixel budget)
+        m = cfg.model
+        img = resize_to(im, fit_to_budget(im.size[1], im.size[0], m.image_size ** 2, m.size_multiple))
         try:
             print(answer(model, images_to_tensor([img]).to(args.device), [args.question],
                          kv_cache=not args.no_kv_cache)[0])
@@ -140,7 +161,7 @@ def main(argv=None):
     images, codes = [], []
     for i in range(0, len(prompts), args.batch_size):
         x, c = text_to_image(model, prompts[i:i + args.batch_size], generator=gen,
-                             kv_cache=not args.no_kv_cache, **overrides)
+                             kv_cache=not args.no_kv_cache, size=size, **overrides)
         images += tensor_to_images(x)
         codes += [None] * len(x) if c is None else list(c)
 
@@ -155,7 +176,7 @@ def main(argv=None):
     for img, c, path in zip(images, codes, outs):
         save_png(img, path)
         if args.rep_map and code_patches is not None:  # pixel-only and continuous targets have no codes
-            save_png(rep_map(c, code_patches), path.with_suffix(".rep.png"))
+            save_png(rep_map(c, code_patches, cfg.model.grids(size).rep), path.with_suffix(".rep.png"))
     if args.grid:
         save_grid(images, args.grid, scale=max(1, 128 // cfg.model.image_size))
     where = args.out or args.out_dir or args.grid

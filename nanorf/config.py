@@ -22,7 +22,9 @@ A checkpoint stores `asdict(config)`; `Config.from_dict` rebuilds it.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import NamedTuple
 
 
 @dataclass
@@ -135,6 +137,26 @@ class SamplingSettings:
     temperature: float = 1.0       # rep-token temperature (0 = greedy)
 
 
+class Grids(NamedTuple):
+    """The patch grids of one image size, each (rows, cols): what an H x W image becomes."""
+    size: tuple[int, int]   # (H, W) in pixels
+    pix: tuple[int, int]    # pixel patches
+    vit: tuple[int, int]    # encoder patches
+    rep: tuple[int, int]    # representation tokens (encoder patches / pool); (0, 0) without rf
+
+    @property
+    def n_pix(self) -> int:
+        return self.pix[0] * self.pix[1]
+
+    @property
+    def n_vit(self) -> int:
+        return self.vit[0] * self.vit[1]
+
+    @property
+    def n_rep(self) -> int:
+        return self.rep[0] * self.rep[1]
+
+
 @dataclass
 class ModelConfig:
     """The unified model: sequence layout, embeddings and heads (docs/method.md, "Sequences and the attention mask")."""
@@ -166,6 +188,26 @@ class ModelConfig:
     def rep_grid(self) -> int:
         """Representation tokens per side: encoder patches per side / pool."""
         return self.image_size // self.vit.patch_size // self.vq.pool
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the pixel patch, and the encoder patch times
+        the pooling that makes one rep token (docs/method.md, "Sequences and the attention mask")."""
+        return math.lcm(self.patch_size, self.vit.patch_size * (self.vq.pool if self.rf else 1))
+
+    def grids(self, size: tuple[int, int] | None = None) -> Grids:
+        """The grids of an H x W image (default: the square image_size canvas). Any size whose
+        sides are multiples of `size_multiple` works: positions are functions of normalised
+        image coordinates (model.py), so nothing is tied to the training size."""
+        H, W = (self.image_size, self.image_size) if size is None else (int(size[0]), int(size[1]))
+        m = self.size_multiple
+        if H <= 0 or W <= 0 or H % m or W % m:
+            raise ValueError(f"image size {H}x{W} does not fit this model: both sides must be positive "
+                             f"multiples of {m} (pixel patch {self.patch_size}, encoder patch "
+                             f"{self.vit.patch_size} x pool {self.vq.pool if self.rf else 1})")
+        v, r = self.vit.patch_size, self.vit.patch_size * self.vq.pool
+        rep = (H // r, W // r) if self.rf else (0, 0)
+        return Grids((H, W), (H // self.patch_size, W // self.patch_size), (H // v, W // v), rep)
 
 
 @dataclass

@@ -43,16 +43,46 @@ def palette_index(image: np.ndarray) -> np.ndarray:
     return dist.argmin(-1)
 
 
+def fit_to_budget(h: int, w: int, budget: int, multiple: int) -> tuple[int, int]:
+    """The (H, W) an h x w image is resized to: its aspect ratio kept, H * W <= budget pixels
+    (a token budget: budget / patch^2 patches; unless even one multiple squared exceeds it),
+    both sides multiples of `multiple` and at least one multiple (NaViT-style variable resolution; docs/method.md, "Sequences and the attention
+    mask"). Rounding down keeps every image within the budget; a square image at the budget's
+    side keeps its size exactly."""
+    scale = (budget / (h * w)) ** 0.5
+    H = max(multiple, int(h * scale + 1e-6) // multiple * multiple)
+    W = max(multiple, int(w * scale + 1e-6) // multiple * multiple)
+    if H * W > budget:  # a side held at one multiple (an extreme aspect ratio): shrink the other
+        if H == multiple:
+            W = max(multiple, budget // H // multiple * multiple)
+        else:
+            H = max(multiple, budget // W // multiple * multiple)
+    return H, W
+
+
+def resize_to(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """An RGB PIL image resized (bicubic) to (H, W) -> (H, W, 3) uint8."""
+    H, W = size
+    if im.size != (W, H):
+        im = im.resize((W, H), Image.BICUBIC)
+    return np.asarray(im, np.uint8)
+
+
 class ImageCaptionFolder:
     """A folder of images plus captions.jsonl, one {"file": ..., "text": ...} per line.
 
-    Images become RGB, the shorter side is resized to `size` (bicubic), then centre-cropped.
+    Images become RGB. By default the shorter side is resized to `size` (bicubic), then
+    centre-cropped to size x size: one square size batches without packing. With
+    `keep_aspect` (train.py --tokens-per-rank, which packs examples of any size) each image
+    keeps its aspect ratio instead and is resized to a budget of size x size pixels with sides
+    that are multiples of `multiple` (fit_to_budget).
     Items: image, caption, qa (describe -> the caption), and prompt (parse_caption's reading of
     the caption, None for text that is no shapes-world caption).
     """
 
-    def __init__(self, root, size):
+    def __init__(self, root, size, keep_aspect: bool = False, multiple: int = 16):
         self.root, self.size = Path(root), size
+        self.keep_aspect, self.multiple = keep_aspect, multiple
         if not self.root.is_dir():
             raise DataError(f"data folder not found: {self.root}")
         index = self.root / "captions.jsonl"
@@ -90,6 +120,10 @@ class ImageCaptionFolder:
     def __getitem__(self, i: int) -> dict:
         im, text = self.decode(i), self.entries[i][1]
         w, h = im.size
+        if self.keep_aspect:
+            image = resize_to(im, fit_to_budget(h, w, self.size ** 2, self.multiple))
+            return {"image": image, "caption": text, "prompt": parse_caption(text),
+                    "qa": [("describe the image.", text)]}
         scale = self.size / min(w, h)
         new_w, new_h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
         if (new_w, new_h) != (w, h):

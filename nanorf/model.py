@@ -15,6 +15,15 @@ evaluated at the centre of the patch group it covers, so at step 0 a pixel patch
 rep token above it already have matching position codes (our choice; the paper only says
 "learnable").
 
+Any image size (docs/method.md, "Sequences and the attention mask"): every position is a
+function of normalised image coordinates, not of a grid index. The sin-cos positions are
+evaluated at the cell centres of whatever grid an H x W image has (`pix_positions`,
+`vit_positions`); the learned rep table is defined at the config's square grid and read at
+another grid by bilinear interpolation between its cell centres (`rep_positions`). So a
+checkpoint trained at one size samples at another (`size=(H, W)` on the forward passes and the
+sampler), and a 256-px stage continues at 1024 px with the same parameters (our choice; the
+paper trains on mixed resolutions and aspect ratios but does not say how positions are encoded).
+
 Heads: LM head over bytes (L_LM), K-way rep head (L_Rep), pixel head predicting the clean
 patch x (x-prediction, L_FM). L = L_LM + L_Rep + L_FM with unit weights; a Qwen3-MoE decoder
 adds its load-balancing loss, aux_loss_coef * L_aux (nanorf/moe.py).
@@ -47,12 +56,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import Grids, ModelConfig
 from .flow import add_noise, fm_loss, timestep_embedding
 from .layout import NO_BLOCK, Layout, generation_layout, understanding_layout
 from .moe import MoEFFN
 from .mot import MoT, PAD, PIX, REP, UND, attention_mask
-from .patches import patchify, sincos_2d
+from .patches import patchify, resize_grid_table, sincos_2d
 from .tokenizer import make_tokenizer
 from .vit import ViT, Connector
 
@@ -204,8 +213,8 @@ class RFModel(nn.Module):
         # understanding
         self.vit = ViT(cfg.vit)
         self.connector = Connector(cfg.vit.dim, D)
-        vg = cfg.image_size // cfg.vit.patch_size
-        self.register_buffer("vit_pos", sincos_2d(vg, vg, D), persistent=False)
+        g = cfg.grids()
+        self.register_buffer("vit_pos", sincos_2d(*g.vit, D), persistent=False)   # at the config's size
         self.tok_emb = nn.Embedding(self.tok.vocab_size, D)
         self.lm_head = nn.Linear(D, self.tok.vocab_size, bias=False)
         if cfg.tie_lm_head:
@@ -219,7 +228,7 @@ class RFModel(nn.Module):
         # pixels
         self.pix_emb = nn.Linear(p * p * 3, D)
         self.t_emb = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
-        self.register_buffer("pix_pos", sincos_2d(cfg.grid, cfg.grid, D), persistent=False)
+        self.register_buffer("pix_pos", sincos_2d(*g.pix, D), persistent=False)
         self.pix_head = nn.Linear(D, p * p * 3)
         self.mot = MoT(cfg.mot)
         self._init_weights()
@@ -304,36 +313,57 @@ class RFModel(nn.Module):
     def gen_layout(self, prompts: list[list[int]], n_rep: int, n_pix: int) -> Layout:
         return generation_layout(self.tok, prompts, n_rep, n_pix, rf=self.cfg.rf)
 
-    def und_layout(self, questions: list[list[int]], answers: list[list[int]], eos: bool = True) -> Layout:
-        return understanding_layout(self.tok, self.n_vit, questions, answers, eos)
+    def und_layout(self, questions: list[list[int]], answers: list[list[int]], eos: bool = True,
+                   n_vit: int | None = None) -> Layout:
+        return understanding_layout(self.tok, self.n_vit if n_vit is None else n_vit, questions, answers, eos)
 
     def question_ids(self, question: str) -> list[int]:
         """A question as sequences hold it: its bytes and one space, then the answer."""
         return self.tok.encode(question + " ", self.cfg.max_text_len)
 
+    # ---- positions: functions of normalised image coordinates, at any grid ---------------
+    def pix_positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(h*w, D) sin-cos positions of an h x w pixel-patch grid."""
+        g = self.cfg.grids()
+        return self.pix_pos if tuple(grid) == g.pix else sincos_2d(*grid, self.cfg.mot.dim).to(self.pix_pos.device)
+
+    def vit_positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(h*w, D) sin-cos positions of an h x w encoder-patch grid."""
+        g = self.cfg.grids()
+        return self.vit_pos if tuple(grid) == g.vit else sincos_2d(*grid, self.cfg.mot.dim).to(self.vit_pos.device)
+
+    def rep_positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(h*w, D) learned rep-token positions: the table itself at the config's grid, its
+        bilinear interpolation between cell centres at any other."""
+        return resize_grid_table(self.rep_pos, grid)
+
     # ---- embeddings --------------------------------------------------------------------
-    def embed(self, lay: Layout, vit_tokens=None, codes=None, z=None, t=None) -> torch.Tensor:
-        """(B, L, D): byte embeddings, with the image blocks spliced in by column."""
+    def embed(self, lay: Layout, vit_tokens=None, codes=None, z=None, t=None, grids: Grids | None = None) -> torch.Tensor:
+        """(B, L, D): byte embeddings, with the image blocks spliced in by column. grids: the
+        image size's grids (ModelConfig.grids; default the config's square size)."""
+        g = grids or self.cfg.grids()
         x = self.tok_emb(lay.tokens.to(self.tok_emb.weight.device))
         parts = []
         if vit_tokens is not None:
-            parts.append((lay.vit_cols, self.connector(vit_tokens) + self.vit_pos))
+            parts.append((lay.vit_cols, self.connector(vit_tokens) + self.vit_positions(g.vit)))
         if lay.rep_cols is not None and codes is not None and codes.shape[1]:
-            parts.append((lay.rep_cols, self.embed_rep(codes)))
+            parts.append((lay.rep_cols, self.embed_rep(codes, 0, g.rep)))
         if z is not None:
-            parts.append((lay.pix_cols, self.embed_pix(z, t)))
+            parts.append((lay.pix_cols, self.embed_pix(z, t, g.pix)))
         for cols, val in sorted(parts, key=lambda cv: cv[0].start):
             x = torch.cat([x[:, :cols.start], val.to(x.dtype), x[:, cols.stop:]], dim=1)
         return x
 
-    def embed_rep(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """codes (B, n) for raster positions start..start+n -> (B, n, D): identity + 2-D spatial."""
-        return self.rep.embed(codes) + self.rep_pos[start:start + codes.shape[1]]
+    def embed_rep(self, codes: torch.Tensor, start: int = 0, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """codes (B, n) for raster positions start..start+n of the rep grid -> (B, n, D):
+        identity + 2-D spatial."""
+        pos = self.rep_positions(grid or self.cfg.grids().rep)
+        return self.rep.embed(codes) + pos[start:start + codes.shape[1]]
 
-    def embed_pix(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """z (B, M, p*p*3) noisy patches at times t (B,) -> (B, M, D)."""
+    def embed_pix(self, z: torch.Tensor, t: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """z (B, M, p*p*3) noisy patches of an h x w grid at times t (B,) -> (B, M, D)."""
         te = self.t_emb(timestep_embedding(t, 256))                                # (B, D)
-        return self.pix_emb(z) + te[:, None] + self.pix_pos
+        return self.pix_emb(z) + te[:, None] + self.pix_positions(grid or self.cfg.grids().pix)
 
     def vit_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, V, D_vit) normed patch features of the online encoder."""
@@ -364,14 +394,17 @@ class RFModel(nn.Module):
                      router_log=router_log if router_log is not None else self._router_log)
         return self.lm_head(h)
 
-    def gen_forward(self, prompts, codes, z, t, drop_rep=None, tap: int | None = None) -> GenOutput:
+    def gen_forward(self, prompts, codes, z, t, drop_rep=None, tap: int | None = None,
+                    size: tuple[int, int] | None = None) -> GenOutput:
         """Teacher-forced generation pass. prompts: B lists of byte ids; codes (B, n) rep
         tokens, n <= N (None or n = 0 without rf); z (B, M, p*p*3) noisy patches at times
         t (B,), or None for a rep-only prefix; drop_rep (B,) bool hides the rep sequence from
-        the pixels; tap: also return the pixel tokens' residual stream after `tap` blocks."""
+        the pixels; tap: also return the pixel tokens' residual stream after `tap` blocks;
+        size: the image's (H, W), default the config's square canvas."""
+        g = self.cfg.grids(size)
         n = 0 if codes is None else codes.shape[1]
-        lay = self.gen_layout(prompts, n, 0 if z is None else self.n_pix)
-        h = self.trunk(lay, self.embed(lay, codes=codes, z=z, t=t), drop_rep, tap)
+        lay = self.gen_layout(prompts, n, 0 if z is None else g.n_pix)
+        h = self.trunk(lay, self.embed(lay, codes=codes, z=z, t=t, grids=g), drop_rep, tap)
         tapped = None
         if tap is not None:
             h, tapped = h
@@ -386,8 +419,9 @@ class RFModel(nn.Module):
 
     def und_forward(self, images, questions, answers, eos: bool = True):
         """Returns text logits (B, L, vocab) and the layout (for its targets)."""
-        lay = self.und_layout(questions, answers, eos)
-        h = self.trunk(lay, self.embed(lay, vit_tokens=self.vit_tokens(images)))
+        g = self.cfg.grids(images.shape[-2:])
+        lay = self.und_layout(questions, answers, eos, g.n_vit)
+        h = self.trunk(lay, self.embed(lay, vit_tokens=self.vit_tokens(images), grids=g))
         return self.lm_head(h), lay
 
     # ---- losses ------------------------------------------------------------------------
@@ -396,7 +430,7 @@ class RFModel(nn.Module):
         prompts = [[] if d else p for p, d in zip(b.prompts, b.drop_text.tolist())]
         x = patchify(b.images, self.cfg.patch_size)                                # (B, M, P)
         z = add_noise(x, b.t, b.eps)
-        out = self.gen_forward(prompts, b.targets, z, b.t, b.drop_rep, self.tap_depth)
+        out = self.gen_forward(prompts, b.targets, z, b.t, b.drop_rep, self.tap_depth, size=b.images.shape[-2:])
         l_fm = fm_loss(out.x_pred, x, b.eps, z, b.t, self.cfg.flow.t_eps)
         return self.rep_loss(out, b), l_fm
 

@@ -4,13 +4,16 @@ Pixels live in [-1, 1] (the model paints in pixel space, no VAE). An image becom
 sequence of p x p patches (`patchify`), each flattened in (row, column, channel) order, and back
 (`unpatchify`). Grids of patches (pixel patches, ViT patches, rep tokens) get fixed 2-D sin-cos
 features of their cell centres in normalised image coordinates (`sincos_2d`), so grids of
-different density over the same image agree where their centres coincide.
+different density over the same image agree where their centres coincide. A learned table
+over one grid (the rep tokens' spatial embedding) becomes a function of the same coordinates by
+bilinear interpolation between its cell centres (`resize_grid_table`), so it too holds at any grid.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
@@ -45,6 +48,20 @@ def sincos_2d(h: int, w: int, dim: int, max_cells: int = 64) -> torch.Tensor:
         a = c[:, None] * freqs[None]                                            # (h*w, q)
         out += [a.sin(), a.cos()]
     return torch.cat(out, dim=1)                                                # (h*w, 4q)
+
+
+def resize_grid_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(g*g, D) embeddings of a square g x g grid -> (h*w, D) on an h x w grid, bilinear in
+    normalised image coordinates: each new cell takes the value at its centre, interpolated
+    between the centres of the old cells (clamped at the border). Differentiable, so a table
+    learned at one grid keeps training through the interpolation at another."""
+    g = int(round(table.shape[0] ** 0.5))
+    h, w = grid
+    if (h, w) == (g, g):
+        return table
+    x = table.T.reshape(1, -1, g, g)                                                # (1, D, g, g)
+    x = F.interpolate(x.float(), size=(h, w), mode="bilinear", align_corners=False)  # (1, D, h, w)
+    return x.reshape(table.shape[1], h * w).T.to(table.dtype)                       # (h*w, D)
 
 
 def images_to_tensor(images) -> torch.Tensor:

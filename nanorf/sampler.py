@@ -19,7 +19,9 @@ Two implementations of text to image, which draw the same numbers from the same 
              ODE evaluation runs only the M pixel tokens against the cached prefix.
 Both take one `SamplingSettings` (config.py) and share the ODE loop (`integrate`) and the
 guidance formula (`pixel_branches`, `guide`). The conditional and unconditional branches
-run as one batch.
+run as one batch. Both paint at any size whose sides are multiples of
+ModelConfig.size_multiple (`size=(H, W)`; default the config's square canvas): the grids
+come from ModelConfig.grids and the positions from normalised image coordinates (model.py).
 """
 
 from __future__ import annotations
@@ -44,15 +46,15 @@ def settings_for(model: RFModel, settings: SamplingSettings | None = None, **ove
 
 @torch.no_grad()
 def sample_rep_tokens(model: RFModel, prompts: list[list[int]], s: SamplingSettings,
-                      generator=None) -> torch.Tensor:
+                      generator=None, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Reference: (B, N) representation tokens, one full forward per token."""
-    B, N = len(prompts), model.n_rep
+    B, N = len(prompts), model.cfg.grids(size).n_rep
     dev = next(model.parameters()).device
     guided = s.cfg_rep != 1.0
     batch = prompts + [[] for _ in prompts] if guided else prompts
     codes = model.rep.buffer(len(batch), 0, dev)
     for _ in range(N):
-        out = model.gen_forward(batch, codes, None, None).rep                      # (B or 2B, n+1, ..)
+        out = model.gen_forward(batch, codes, None, None, size=size).rep                      # (B or 2B, n+1, ..)
         nxt = model.rep.draw(out[:, -1], B, s.cfg_rep, s, generator)
         nxt = torch.cat([nxt, nxt]) if guided else nxt
         codes = torch.cat([codes, nxt[:, None]], dim=1)
@@ -94,21 +96,23 @@ def guide(v: torch.Tensor, n: int, t: float, s: SamplingSettings) -> torch.Tenso
     return v_u + w_r * (v_r - v_u) + w * (v_c - v_r)
 
 
-def integrate(model: RFModel, v_fn, B: int, s: SamplingSettings, generator=None) -> torch.Tensor:
+def integrate(model: RFModel, v_fn, B: int, s: SamplingSettings, generator=None,
+              size: tuple[int, int] | None = None) -> torch.Tensor:
     """The pixel ODE of both paths: noise z (B, M, p*p*3) at t = 0, `s.steps` steps of
     dz/dt = v_fn(z, t) on the shifted grid, then (B, 3, H, W) images in [-1, 1]."""
-    cfg = model.cfg
+    cfg, g = model.cfg, model.cfg.grids(size)
     dev = next(model.parameters()).device
-    z = torch.randn(B, model.n_pix, cfg.patch_size ** 2 * 3, generator=generator).to(dev) * cfg.flow.noise_scale
-    ts = time_grid(s.steps, s.shift or resolution_shift(cfg.image_size)).tolist()
+    z = torch.randn(B, g.n_pix, cfg.patch_size ** 2 * 3, generator=generator).to(dev) * cfg.flow.noise_scale
+    side = (g.size[0] * g.size[1]) ** 0.5  # the shift follows the pixel count: a square of the same area
+    ts = time_grid(s.steps, s.shift or resolution_shift(side)).tolist()
     for t0, t1 in zip(ts[:-1], ts[1:]):
         z = ode_step(v_fn, z, t0, t1, s.solver)
-    return unpatchify(z, cfg.patch_size, cfg.grid, cfg.grid).clamp(-1, 1)
+    return unpatchify(z, cfg.patch_size, *g.pix).clamp(-1, 1)
 
 
 @torch.no_grad()
 def sample_pixels(model: RFModel, prompts: list[list[int]], codes: torch.Tensor | None, s: SamplingSettings,
-                  generator=None) -> torch.Tensor:
+                  generator=None, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Reference: (B, 3, H, W) images in [-1, 1]; one full forward per ODE evaluation."""
     B, dev = len(prompts), next(model.parameters()).device
     branches = pixel_branches(s.cfg_pix, s.cfg_mode)
@@ -120,12 +124,12 @@ def sample_pixels(model: RFModel, prompts: list[list[int]], codes: torch.Tensor 
     def v_fn(z, t):
         zz = z.repeat(len(branches), 1, 1)
         tt = torch.full((zz.shape[0],), t, device=dev)
-        x_pred = model.gen_forward(batch, codes, zz, tt, drop_rep).x_pred
+        x_pred = model.gen_forward(batch, codes, zz, tt, drop_rep, size=size).x_pred
         # no (1 - t) clamp here: t < 1 at every evaluation, and the training clamp would
         # make the last Euler step stop short of the predicted image
         return guide(velocity(x_pred.float(), zz, tt, 1e-6), B, t, s)
 
-    return integrate(model, v_fn, B, s, generator)
+    return integrate(model, v_fn, B, s, generator, size)
 
 
 # ---- the fast path: KV cache for the prefix, cached prefix for every ODE step -----------------
@@ -151,7 +155,8 @@ def prefill(model: RFModel, lay: Layout, x: torch.Tensor, room: int):
 
 
 @torch.no_grad()
-def sample_cached(model: RFModel, prompts: list[list[int]], s: SamplingSettings, generator=None):
+def sample_cached(model: RFModel, prompts: list[list[int]], s: SamplingSettings, generator=None,
+                  size: tuple[int, int] | None = None):
     """Same distribution and, for the same generator, the same draws as the reference
     path (rep tokens, then pixels), with each token and each prefix computed once.
 
@@ -162,7 +167,8 @@ def sample_cached(model: RFModel, prompts: list[list[int]], s: SamplingSettings,
     sequence hides it from [BOP] and the pixel block (hide_rep), exactly as the
     reference's drop_rep mask. Returns (images (B, 3, H, W), rep tokens or None)."""
     tok, dev = model.tok, next(model.parameters()).device
-    B, N, M = len(prompts), model.n_rep, model.n_pix
+    g = model.cfg.grids(size)
+    B, N, M = len(prompts), g.n_rep, g.n_pix
     two = s.cfg_rep != 1.0 or s.cfg_pix != 1.0  # the cache holds cond and uncond rows
     batch = prompts + [[] for _ in prompts] if two else prompts
     R = len(batch)
@@ -179,7 +185,7 @@ def sample_cached(model: RFModel, prompts: list[list[int]], s: SamplingSettings,
         for i in range(N):
             nxt = model.rep.draw(model.rep.readout(last), B, s.cfg_rep, s, generator)
             codes[:, i] = torch.cat([nxt, nxt]) if two else nxt
-            h = step_tokens(model, cache, model.embed_rep(codes[:, i:i + 1], i), REP, pos,
+            h = step_tokens(model, cache, model.embed_rep(codes[:, i:i + 1], i, g.rep), REP, pos,
                             cache.mask(1, bidir=False), write=True)
             last, pos = h[:, -1], pos + 1
     # the pixel branches: cache rows 0..B-1 hold the prompt, B..2B-1 the empty prompt
@@ -201,31 +207,35 @@ def sample_cached(model: RFModel, prompts: list[list[int]], s: SamplingSettings,
     def v_fn(z, t):
         zz = z.repeat(len(branches), 1, 1)
         tt = torch.full((R,), t, device=dev)
-        h = step_tokens(model, cache, model.embed_pix(zz, tt), PIX, pos, pix_mask, write=False)
+        h = step_tokens(model, cache, model.embed_pix(zz, tt, g.pix), PIX, pos, pix_mask, write=False)
         return guide(velocity(model.pix_head(h).float(), zz, tt, 1e-6), B, t, s)
 
-    images = integrate(model, v_fn, B, s, generator)
+    images = integrate(model, v_fn, B, s, generator, size)
     return images, (None if codes is None else codes[:B])
 
 
 @torch.no_grad()
 def text_to_image(model: RFModel, prompts: list[str], generator=None, kv_cache: bool = True,
-                  settings: SamplingSettings | None = None, **overrides):
+                  settings: SamplingSettings | None = None, size: tuple[int, int] | None = None,
+                  **overrides):
     """Prompts -> (images (B, 3, H, W) in [-1, 1], rep tokens (B, N) or None).
     kv_cache=False runs the uncached reference path. settings: a SamplingSettings (default:
-    the model's); overrides: any of its fields (steps=10, cfg_pix=1.0, ...)."""
+    the model's); size: (H, W), default the config's square canvas; overrides: any
+    SamplingSettings field (steps=10, cfg_pix=1.0, ...)."""
     s = settings_for(model, settings, **overrides)
+    model.cfg.grids(size)  # a size that does not fit fails here, before any work
     ids = [model.tok.encode(p, model.cfg.max_text_len) for p in prompts]
     if kv_cache:
-        return sample_cached(model, ids, s, generator)
-    codes = sample_rep_tokens(model, ids, s, generator) if model.rep is not None else None
-    return sample_pixels(model, ids, codes, s, generator), codes
+        return sample_cached(model, ids, s, generator, size)
+    codes = sample_rep_tokens(model, ids, s, generator, size) if model.rep is not None else None
+    return sample_pixels(model, ids, codes, s, generator, size), codes
 
 
 @torch.no_grad()
 def answer(model: RFModel, images: torch.Tensor, questions: list[str], max_new_tokens: int = 72,
            top_k: int = 0, temperature: float = 0.0, generator=None, kv_cache: bool = True) -> list[str]:
-    """Image -> text. images (B, 3, H, W) in [-1, 1]; greedy when temperature is 0.
+    """Image -> text. images (B, 3, H, W) in [-1, 1], any size that fits the model; greedy when
+    temperature is 0.
     With kv_cache the image and question are prefilled once and each answer byte costs
     one token's forward; without it every byte re-runs the whole sequence (reference)."""
     tok = model.tok
@@ -235,8 +245,9 @@ def answer(model: RFModel, images: torch.Tensor, questions: list[str], max_new_t
     done = [False] * B
     rows = torch.arange(B, device=dev)
     if kv_cache:  # prefill [BOS][BOI] v [EOI] question, right-padded
-        lay = model.und_layout(qs, [[] for _ in qs], eos=False)
-        h, cache = prefill(model, lay, model.embed(lay, vit_tokens=model.vit_tokens(images)), max_new_tokens)
+        g = model.cfg.grids(images.shape[-2:])
+        lay = model.und_layout(qs, [[] for _ in qs], eos=False, n_vit=g.n_vit)
+        h, cache = prefill(model, lay, model.embed(lay, vit_tokens=model.vit_tokens(images), grids=g), max_new_tokens)
         last = (lay.valid.sum(1) - 1).to(dev)                                      # (B,) last real column
         pos = lay.pos.to(dev)[rows, last][:, None] + 1                              # (B, 1)
         logits = model.lm_head(h[rows, last])
@@ -259,13 +270,16 @@ def answer(model: RFModel, images: torch.Tensor, questions: list[str], max_new_t
     return [tok.decode(o) for o in outs]
 
 
-def draw_plan(codes: torch.Tensor, code_patches: torch.Tensor) -> torch.Tensor:
-    """A plan of rep tokens drawn as a coarse preview: (B, N) codes on a g x g grid ->
-    (B, 3, g*s, g*s) images in [-1, 1], each code as its mean training patch (code_patches
-    (K, s*s*3) in patchify's layout, RepresentationTargets keeps it with the codebook)."""
-    g = int(round(codes.shape[1] ** 0.5))
+def draw_plan(codes: torch.Tensor, code_patches: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """A plan of rep tokens drawn as a coarse preview: (B, N) codes on an h x w grid
+    (default square) -> (B, 3, h*s, w*s) images in [-1, 1], each code as its mean training
+    patch (code_patches (K, s*s*3) in patchify's layout, RepresentationTargets keeps it with
+    the codebook)."""
+    if grid is None:
+        g = int(round(codes.shape[1] ** 0.5))
+        grid = (g, g)
     s = int(round((code_patches.shape[1] // 3) ** 0.5))
-    return unpatchify(code_patches[codes.cpu()], s, g, g)                         # (B, N, s*s*3) -> images
+    return unpatchify(code_patches[codes.cpu()], s, *grid)                        # (B, N, s*s*3) -> images
 
 
 def save_grid(images, path, ncol: int = 8, scale: int = 1, pad: int = 2):

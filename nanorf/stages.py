@@ -23,12 +23,10 @@ All three flags apply when a run starts; a resumed run reloads its own checkpoin
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 from .checkpoint import CheckpointError, load_checkpoint, load_vit_weights
 from .config import Config, TrainConfig
 from .model import RFModel
+from .patches import resize_grid_table
 from .variants import build_model
 
 # module groups by what they are, never by parameter-name substrings
@@ -66,22 +64,12 @@ def apply_stage(t: TrainConfig) -> None:
         raise ValueError(f"--stage must be 1, 2 or 3, got {t.stage}")
 
 
-def resize_grid_table(table: torch.Tensor, grid: int) -> torch.Tensor:
-    """(g*g, D) embeddings of a g x g grid -> (grid*grid, D), bilinear in normalised coordinates."""
-    g = int(round(table.shape[0] ** 0.5))
-    if g == grid:
-        return table
-    x = table.T.reshape(1, -1, g, g)                                                # (1, D, g, g)
-    x = F.interpolate(x.float(), size=(grid, grid), mode="bilinear", align_corners=False)
-    return x.reshape(table.shape[1], grid * grid).T.to(table.dtype)                 # (grid*grid, D)
-
-
 def load_weights_from(model: RFModel, targets, path: str) -> None:
     """--init-from: another run's model weights (and target maker) into this run's model."""
     ck = load_checkpoint(path)
     sd = dict(ck["model"])
     if "rep_pos" in sd and model.rep is not None:
-        sd["rep_pos"] = resize_grid_table(sd["rep_pos"], model.cfg.rep_grid)
+        sd["rep_pos"] = resize_grid_table(sd["rep_pos"], (model.cfg.rep_grid, model.cfg.rep_grid))
     try:
         model.load_state_dict(sd)
         if targets is not None and ck.get("targets") is not None:

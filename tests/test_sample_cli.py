@@ -144,9 +144,6 @@ def _bad_cases(ckpt: Path, tmp: Path, shape_png: Path):
     (tmp / "text.pt").write_text("hello")
     (tmp / "half.pt").write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     torch.save({"weights": torch.zeros(3)}, tmp / "foreign.pt")
-    for name, size in (("small.png", 16), ("big.png", 64)):
-        Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(tmp / name)
-    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp / "wide.png")
     (tmp / "notimage.png").write_text("not a png")
     (tmp / "long.txt").write_text("a red circle at the top left\n" + "b" * (MAX_TEXT + 1) + "\n")
     c, out, od = str(ckpt), str(tmp / "o.png"), str(tmp / "od")
@@ -159,9 +156,8 @@ def _bad_cases(ckpt: Path, tmp: Path, shape_png: Path):
         "long line in prompts file": ["--ckpt", c, "--prompts-file", str(tmp / "long.txt"), "--out-dir", od],
         "missing prompts file": ["--ckpt", c, "--prompts-file", str(tmp / "nope.txt"), "--out-dir", od],
         "prompt without --out": ["--ckpt", c, "--prompt", PROMPT],
-        "image too small": ["--ckpt", c, "--image", str(tmp / "small.png")],
-        "image too big": ["--ckpt", c, "--image", str(tmp / "big.png")],
-        "image not square": ["--ckpt", c, "--image", str(tmp / "wide.png")],
+        "size not HxW": ["--ckpt", c, "--prompt", PROMPT, "--out", out, "--size", "big"],
+        "size not a multiple": ["--ckpt", c, "--prompt", PROMPT, "--out", out, "--size", "30x32"],
         "not an image": ["--ckpt", c, "--image", str(tmp / "notimage.png")],
         "missing image": ["--ckpt", c, "--image", str(tmp / "nope.png")],
         "question too long": ["--ckpt", c, "--image", str(shape_png), "--question", "q" * 200],
@@ -170,7 +166,7 @@ def _bad_cases(ckpt: Path, tmp: Path, shape_png: Path):
 
 BAD_IDS = ["missing checkpoint", "text file as checkpoint", "truncated checkpoint", "foreign torch file",
            "prompt longer than max_text_len", "long line in prompts file", "missing prompts file",
-           "prompt without --out", "image too small", "image too big", "image not square", "not an image",
+           "prompt without --out", "size not HxW", "size not a multiple", "not an image",
            "missing image", "question too long"]
 
 

@@ -9,7 +9,7 @@ import torch
 import train
 from nanorf.checkpoint import load_checkpoint
 from nanorf.config import ViTConfig
-from nanorf.stages import freeze, resize_grid_table
+from nanorf.stages import freeze
 from nanorf.vit import ViT
 
 from conftest import expect_cli_error, read_log
@@ -85,16 +85,6 @@ def test_stage3_continues_at_a_larger_image_size(stages):
     shared = {k for k in s2["model"] if k != "rep_pos" and k in s3["model"]}
     assert _moved({k: s2["model"][k] for k in shared}, {k: s3["model"][k] for k in shared})
     assert read_log(stages["root"] / "s3")[-1]["fm"] > 0
-
-
-def test_resize_grid_table_is_bilinear_in_normalised_coordinates():
-    # a table linear in the cell centres' x coordinate stays linear: 2x2 -> 4x4
-    xs2 = torch.tensor([0.25, 0.75])
-    table = torch.stack([xs2.repeat(2), torch.ones(4)], 1)                         # (4, 2): x, 1
-    big = resize_grid_table(table, 4)
-    want_x = torch.tensor([0.25, 0.375, 0.625, 0.75]).repeat(4)                    # bilinear clamps at the edges
-    assert big.shape == (16, 2) and torch.allclose(big[:, 0], want_x) and torch.allclose(big[:, 1], torch.ones(16))
-    assert torch.equal(resize_grid_table(table, 2), table)
 
 
 def test_freeze_groups_and_bad_input(tiny_model, capsys, tmp_path):
