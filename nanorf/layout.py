@@ -75,21 +75,35 @@ def build_layout(rows: list[list[Token]], left: bool) -> Layout:
     return Layout(tokens, modality, pos, block, noisy.bool(), modality != PAD, targets)
 
 
+def gen_row(tok: ByteTokenizer, prompt: list[int], n_rep: int, n_pix: int, rf: bool = True) -> list[Token]:
+    """One generation sequence: [BOS] prompt ([BOR] r_1..r_{n_rep}) ([BOP] p_1..p_{n_pix})."""
+    row = [Token(tok.bos)] + [Token(c, pos=1 + i) for i, c in enumerate(prompt)]
+    if rf:
+        row.append(Token(tok.bor, REP, pos=len(row)))
+        row += [Token(modality=REP, pos=len(row) + i) for i in range(n_rep)]
+    if n_pix:
+        row.append(Token(tok.bop, PIX, pos=len(row)))
+        row += [Token(modality=PIX, pos=len(row), block=PIX_BLOCK, noisy=True)] * n_pix
+    return row
+
+
+def und_row(tok: ByteTokenizer, n_vit: int, question: list[int], answer: list[int], eos: bool = True) -> list[Token]:
+    """One understanding sequence: [BOS][BOI] v_1..v_V [EOI] question answer ([EOS]); targets on
+    the answer (and [EOS])."""
+    head = [Token(tok.bos), Token(tok.boi, pos=1)] + [Token(pos=2, block=VIT_BLOCK)] * n_vit
+    head.append(Token(tok.eoi, pos=3))
+    text = question + answer + ([tok.eos] if eos else [])
+    # the column of text[i] predicts text[i + 1]: the answer's predecessors carry targets
+    q = len(question)
+    return head + [Token(c, pos=4 + i, target=text[i + 1] if q - 1 <= i < len(text) - 1 else NO_TARGET)
+                   for i, c in enumerate(text)]
+
+
 def generation_layout(tok: ByteTokenizer, prompts: list[list[int]], n_rep: int, n_pix: int,
                       rf: bool = True) -> Layout:
     """[BOS] prompt [BOR] r_1..r_{n_rep} ([BOP] p_1..p_M if n_pix). n_rep may be less than N
     while sampling; without rep tokens (rf=False, the pixel-only baseline) there is no [BOR]."""
-    rows = []
-    for prompt in prompts:
-        row = [Token(tok.bos)] + [Token(c, pos=1 + i) for i, c in enumerate(prompt)]
-        if rf:
-            row.append(Token(tok.bor, REP, pos=len(row)))
-            row += [Token(modality=REP, pos=len(row) + i) for i in range(n_rep)]
-        if n_pix:
-            row.append(Token(tok.bop, PIX, pos=len(row)))
-            row += [Token(modality=PIX, pos=len(row), block=PIX_BLOCK, noisy=True)] * n_pix
-        rows.append(row)
-    lay = build_layout(rows, left=True)
+    lay = build_layout([gen_row(tok, prompt, n_rep, n_pix, rf) for prompt in prompts], left=True)
     end = lay.tokens.shape[1]
     if n_pix:
         lay.pix_cols = slice(end - n_pix, end)
@@ -102,15 +116,6 @@ def generation_layout(tok: ByteTokenizer, prompts: list[list[int]], n_rep: int, 
 def understanding_layout(tok: ByteTokenizer, n_vit: int, questions: list[list[int]], answers: list[list[int]],
                          eos: bool = True) -> Layout:
     """[BOS][BOI] v_1..v_V [EOI] question answer [EOS]; targets on the answer (and [EOS])."""
-    rows = []
-    for q, a in zip(questions, answers):
-        head = [Token(tok.bos), Token(tok.boi, pos=1)] + [Token(pos=2, block=VIT_BLOCK)] * n_vit
-        head.append(Token(tok.eoi, pos=3))
-        text = q + a + ([tok.eos] if eos else [])
-        # the column of text[i] predicts text[i + 1]: the answer's predecessors carry targets
-        row = head + [Token(c, pos=4 + i, target=text[i + 1] if len(q) - 1 <= i < len(text) - 1 else NO_TARGET)
-                      for i, c in enumerate(text)]
-        rows.append(row)
-    lay = build_layout(rows, left=False)
+    lay = build_layout([und_row(tok, n_vit, q, a, eos) for q, a in zip(questions, answers)], left=False)
     lay.vit_cols = slice(2, 2 + n_vit)
     return lay

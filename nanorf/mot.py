@@ -37,6 +37,23 @@ import torch.nn.functional as F
 from .config import MoTConfig
 from .moe import MoEFFN, load_balancing_loss
 
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # a torch without flex_attention: packing then uses the dense mask only
+    BlockMask, flex_attention = type("NoBlockMask", (), {}), None
+
+_compiled_flex = None
+
+
+def flex(q, k, v, block_mask):
+    """flex_attention, compiled once on CUDA (uncompiled it materialises every score)."""
+    global _compiled_flex
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask)
+
 UND, REP, PIX, PAD = 0, 1, 2, 3
 N_EXPERTS = 3
 
@@ -52,26 +69,46 @@ class RMSNorm(nn.Module):
 
 
 def attention_mask(block: torch.Tensor, noisy: torch.Tensor, valid: torch.Tensor,
-                   modality: torch.Tensor, drop_rep: torch.Tensor | None = None) -> torch.Tensor:
+                   modality: torch.Tensor, drop_rep: torch.Tensor | None = None,
+                   doc: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean (B, 1, L, L) mask, True = query i may attend to key j.
 
     block (B, L): image block id, or -1 outside any block; tokens of one block see each other
     both ways. noisy (B, L): a noisy pixel patch. valid (B, L): not padding. modality (B, L):
-    UND/REP/PIX/PAD. drop_rep (B,): CFG drop of the representation sequence as the pixel
-    block sees it: PIX-type queries ([BOP] and patches) may not attend to REP-type keys
-    ([BOR] and r_i).
+    UND/REP/PIX/PAD. drop_rep: CFG drop of the representation sequence as the pixel block sees
+    it, (B,) per row or (B, L) per query token: PIX-type queries ([BOP] and patches) may not
+    attend to REP-type keys ([BOR] and r_i). doc (B, L): the document of each token in a packed
+    row (packing.py); a token sees only its own document, and the rules above hold inside it.
+    `attention_mask_mod` is the same rule, one (query, key) pair at a time, for flex_attention.
     """
     B, L = block.shape
     ar = torch.arange(L, device=block.device)
     causal = ar[None, :, None] >= ar[None, None, :]                              # (1, L, L)
-    same_block = (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)  # (B, L, L)
-    mask = (causal | same_block) & valid[:, None, :]
+    same_doc = (doc[:, :, None] == doc[:, None, :]) if doc is not None else torch.ones_like(causal)
+    same_block = (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0) & same_doc  # (B, L, L)
+    mask = (causal | same_block) & same_doc & valid[:, None, :]
     mask = mask & ~(noisy[:, None, :] & ~same_block)       # a noisy block is invisible from outside
     if drop_rep is not None:
-        hide = (modality[:, :, None] == PIX) & (modality[:, None, :] == REP) & drop_rep[:, None, None]
+        q_drop = drop_rep[:, None] if drop_rep.dim() == 1 else drop_rep           # (B, 1) or (B, L)
+        hide = (modality[:, :, None] == PIX) & (modality[:, None, :] == REP) & q_drop[:, :, None]
         mask = mask & ~hide
     mask = mask | torch.eye(L, dtype=torch.bool, device=block.device)[None]  # padding sees itself: no empty rows
     return mask[:, None]
+
+
+def attention_mask_mod(block: torch.Tensor, noisy: torch.Tensor, valid: torch.Tensor,
+                       modality: torch.Tensor, drop_rep: torch.Tensor, doc: torch.Tensor):
+    """attention_mask's rule as a flex_attention mask_mod(b, h, q, k) -> bool, for a packed
+    batch (every argument (B, L); drop_rep per query token). On CUDA the block mask built from
+    it skips every fully masked tile, so attention across documents costs nothing."""
+    def mask_mod(b, h, q, k):
+        same_doc = doc[b, q] == doc[b, k]
+        same_block = (block[b, q] == block[b, k]) & (block[b, q] >= 0) & same_doc
+        ok = ((q >= k) | same_block) & same_doc & valid[b, k]
+        ok = ok & ~(noisy[b, k] & ~same_block)
+        ok = ok & ~((modality[b, q] == PIX) & (modality[b, k] == REP) & drop_rep[b, q])
+        return ok | (q == k)
+    return mask_mod
 
 
 def rope_cos_sin(pos: torch.Tensor, head_dim: int, base: float):
@@ -182,7 +219,10 @@ class MoTBlock(nn.Module):
             k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
         if Hkv != H:  # GQA: query head h reads key/value head h // (H / Hkv), as Qwen3's repeat_kv
             k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)             # (B, H, L, hd)
+        if isinstance(mask, BlockMask):  # packed rows on CUDA (packing.py): flex_attention, tiles skipped
+            a = flex(q, k, v, block_mask=mask)                                    # (B, H, L, hd)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)         # (B, H, L, hd)
         a = a.transpose(1, 2).reshape(B * L, H * hd)
         x = x + routing.apply(self.attn_out, a, D).view(B, L, D)
         ffn = self.ffn
@@ -283,14 +323,15 @@ class MoT(nn.Module):
     def forward(self, x, modality, pos, mask, cache: KVCache | None = None, write: bool = False,
                 tap: int | None = None, router_log: list | None = None):
         """x (B, L, D) embedded tokens; modality, pos (B, L); mask (B, 1, L, P + L)
-        where P is the cached prefix length (0 without a cache).
+        where P is the cached prefix length (0 without a cache), or a flex_attention BlockMask
+        (packed rows on CUDA, packing.py).
         With `write`, these L tokens' keys/values are appended to `cache` (the caller
         then calls cache.commit). Returns hidden (B, L, D) after the per-modality final norm;
         with `tap`, also the residual stream (B, L, D) after `tap` blocks (REPA's target layer).
         router_log (from `router_log()`): collects routed FFNs' router logits for `aux_loss`."""
         routing = Routing(modality)
         cos, sin = rope_cos_sin(pos, self.cfg.head_size, self.cfg.rope_base)
-        if mask.all():  # e.g. a pixel block against its whole prefix: SDPA's unmasked kernel is faster
+        if isinstance(mask, torch.Tensor) and mask.all():  # e.g. a pixel block against its whole prefix: SDPA's unmasked kernel is faster
             mask = None
         tapped = x if tap == 0 else None
         for i, blk in enumerate(self.blocks):

@@ -3,6 +3,7 @@ the CFG formula, the pixel ODE against hand-applied steps, image-to-text decodin
 text-to-image entry point on the tiny config."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,6 +90,10 @@ class FakeRepModel:
     (empty prompt) rows on the step only. Records every call."""
     n_rep, K = 3, 5
 
+    @property
+    def cfg(self):  # what sample_rep_tokens reads: the rep grid's token count
+        return SimpleNamespace(grids=lambda size=None: SimpleNamespace(n_rep=self.n_rep))
+
     def __init__(self):
         self.p = nn.Parameter(torch.zeros(1))
         self.calls = []
@@ -102,7 +107,7 @@ class FakeRepModel:
         seed = (1000 + n) if not prompt else (sum(prompt) * 31 + n)
         return torch.randn(FakeRepModel.K, generator=torch.Generator().manual_seed(seed))
 
-    def gen_forward(self, batch, codes, z, t, drop_rep=None):
+    def gen_forward(self, batch, codes, z, t, drop_rep=None, size=None):
         assert z is None and t is None
         self.calls.append(([list(p) for p in batch], codes.clone()))
         n = codes.shape[1]
@@ -221,7 +226,7 @@ class OracleModel:
     def parameters(self):
         yield self.p
 
-    def gen_forward(self, batch, codes, z, t, drop_rep=None):
+    def gen_forward(self, batch, codes, z, t, drop_rep=None, size=None):
         return GenOutput(rep=None, x_pred=self.x_star.expand(len(batch), -1, -1))
 
 

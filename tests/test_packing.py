@@ -1,0 +1,143 @@
+"""Packing (nanorf/packing.py): a packed batch is the same computation as the padded one."""
+
+import pytest
+import torch
+
+from nanorf.layout import NO_BLOCK
+from nanorf.model import GenBatch, UndBatch
+from nanorf.mot import attention_mask, attention_mask_mod
+from nanorf.packing import first_fit, gen_doc, pack, packed_loss, split_gen, split_und, stack, und_doc
+
+ATOL = 1e-5
+
+
+def _gen(model, B, size, seed, drop_text=None, drop_rep=None):
+    g = torch.Generator().manual_seed(seed)
+    H, W = size
+    gr = model.cfg.grids(size)
+    P = model.cfg.patch_size ** 2 * 3
+    return GenBatch(prompts=[list(range(65, 65 + 3 + 2 * i)) for i in range(B)],
+                    images=torch.rand(B, 3, H, W, generator=g) * 2 - 1,
+                    targets=torch.randint(0, model.cfg.vq.codebook_size, (B, gr.n_rep), generator=g),
+                    t=torch.rand(B, generator=g), eps=torch.randn(B, gr.n_pix, P, generator=g),
+                    drop_text=torch.tensor([False, True, False][:B]) if drop_text is None else drop_text,
+                    drop_rep=torch.tensor([False, False, True][:B]) if drop_rep is None else drop_rep)
+
+
+def _und(model, B, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    H, W = size
+    return UndBatch(images=torch.rand(B, 3, H, W, generator=g) * 2 - 1,
+                    questions=[model.question_ids("how many?")] * B,
+                    answers=[list(range(97, 97 + 1 + i)) for i in range(B)])
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _close(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=ATOL, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
+
+
+def test_first_fit():
+    assert first_fit([5, 3, 4, 2, 6], 8) == [[0, 1], [2, 3], [4]]
+    assert first_fit([8, 1], 8) == [[0], [1]]
+    with pytest.raises(ValueError, match="does not fit --tokens-per-rank 8"):
+        first_fit([3, 9], 8)
+
+
+def test_packed_loss_and_gradients_equal_the_padded_batch(tiny_model):
+    """Same examples, same sizes: RFModel.forward on the padded batch vs packs of 2 rows."""
+    model = tiny_model()
+    model.train()
+    gen, und = _gen(model, 3, (16, 16), 0), _und(model, 3, (16, 16), 1)
+    model.zero_grad()
+    loss, parts = model(gen, und)
+    loss.backward()
+    want = _grads(model)
+
+    docs = [gen_doc(model, b) for b in split_gen(gen)] + [und_doc(model, b) for b in split_und(und)]
+    budget = max(len(d.tokens) for d in docs) * 2 + 3                   # two or three documents per pack
+    packs = pack(docs, budget)
+    assert 1 < len(packs) < 6
+    model.zero_grad()
+    total = 0.0
+    for p in packs:
+        l, _ = packed_loss(model, p, n_gen=3, n_und=3)
+        l.backward()
+        total += l.item()
+    assert abs(total - loss.item()) < ATOL
+    _close(_grads(model), want)
+
+
+def test_mixed_sizes_packed_equal_examples_one_by_one(tiny_model):
+    """Examples of three sizes (one non-square) in one pack: the pack's loss and gradients equal
+    the mean over the examples run alone through RFModel.forward."""
+    model = tiny_model()
+    model.train()
+    sizes = [(16, 16), (8, 24), (24, 16)]
+    gens = [_gen(model, 1, s, 10 + i, torch.tensor([False]), torch.tensor([i == 1])) for i, s in enumerate(sizes)]
+    unds = [_und(model, 1, s, 20 + i) for i, s in enumerate(sizes)]
+    model.zero_grad()
+    want_loss = 0.0
+    for g, u in zip(gens, unds):
+        loss, _ = model(g, u)
+        (loss / 3).backward()
+        want_loss += loss.item() / 3
+    want = _grads(model)
+    docs = [gen_doc(model, g) for g in gens] + [und_doc(model, u) for u in unds]
+    p = stack(docs)                                                     # one row, six documents
+    model.zero_grad()
+    loss, parts = packed_loss(model, p, n_gen=3, n_und=3)
+    loss.backward()
+    assert abs(loss.item() - want_loss) < ATOL
+    _close(_grads(model), want)
+
+
+def test_no_attention_across_documents(tiny_model):
+    model = tiny_model()
+    docs = [gen_doc(model, b) for b in split_gen(_gen(model, 2, (16, 16), 0))] + \
+           [und_doc(model, b) for b in split_und(_und(model, 1, (16, 8), 1))]
+    p = stack(docs)
+    m = p.mask()[0, 0]                                                  # (L, L)
+    doc = p.doc[0]
+    cross = (doc[:, None] != doc[None, :]) & ~torch.eye(len(doc), dtype=torch.bool)
+    assert not (m & cross).any()
+    # inside each document the mask is exactly that document's own padded-path mask
+    for k, d in enumerate(docs):
+        cols = (doc == k).nonzero().squeeze(1)
+        lay = p.layout
+        alone = attention_mask(lay.block[:, cols], lay.noisy[:, cols], lay.valid[:, cols], lay.modality[:, cols],
+                               p.drop_q[:, cols][:, :1].squeeze(1))[0, 0]
+        assert torch.equal(m[cols][:, cols], alone)
+    # and perturbing one document's embeddings changes no other document's output
+    x = torch.randn(1, len(doc), model.cfg.mot.dim)
+    h = model.mot(x, p.layout.modality, p.layout.pos, p.mask())
+    x2 = x.clone()
+    x2[0, doc == 0] += 1.0
+    h2 = model.mot(x2, p.layout.modality, p.layout.pos, p.mask())
+    assert torch.equal(h[0, doc != 0], h2[0, doc != 0])
+    assert not torch.allclose(h[0, doc == 0], h2[0, doc == 0])
+
+
+def test_flex_mask_mod_equals_the_dense_mask(tiny_model):
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    model = tiny_model()
+    docs = [gen_doc(model, b) for b in split_gen(_gen(model, 3, (16, 16), 0))] + \
+           [und_doc(model, b) for b in split_und(_und(model, 2, (8, 16), 1))]
+    p = stack([docs[:3], docs[3:]])                                     # two rows, padded
+    lay = p.layout
+    mod = attention_mask_mod(lay.block, lay.noisy, lay.valid, lay.modality, p.drop_q, p.doc)
+    R, L = p.doc.shape
+    assert torch.equal(flex.create_mask(mod, R, None, L, L, device="cpu"), p.mask())
+    assert (lay.block[lay.valid] != NO_BLOCK).any() and p.drop_q.any()   # the rules were exercised
+    # and the trunk under flex_attention (unfused on CPU) gives the SDPA output
+    x = torch.randn(R, L, model.cfg.mot.dim)
+    bm = flex.create_block_mask(mod, R, None, L, L, device="cpu")
+    with torch.no_grad():
+        a = model.mot(x, lay.modality, lay.pos, p.mask())
+        b = model.mot(x, lay.modality, lay.pos, bm)
+    assert torch.allclose(a[lay.valid], b[lay.valid], atol=1e-5)
