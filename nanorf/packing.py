@@ -28,7 +28,7 @@ continuous and REPA variants train padded (`check_packable`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -126,7 +126,7 @@ def stack(rows: list[Doc] | list[list[Doc]]) -> Pack:
     for r, row in enumerate(rows):
         toks, ids, dq, col = [], [], [], 0
         for k, d in enumerate(row):
-            d.row, d.start = r, col
+            d = replace(d, row=r, start=col)  # placed copies: one Doc may sit in several packings
             toks += d.tokens
             ids += [k] * len(d.tokens)
             dq += [bool(d.gen is not None and d.gen.drop_rep[0])] * len(d.tokens)
