@@ -169,17 +169,29 @@ def stage_ddp(args) -> dict:
         env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     with tempfile.TemporaryDirectory(prefix="gpu_check_ddp_") as tmp:
         one, two = Path(tmp) / "one", Path(tmp) / "two"
-        left = args.limit - 5
-        t0 = time.time()
-        # one after the other, not side by side: on one GPU pair both would compete for GPU 0
-        run = lambda cmd: subprocess.run(cmd, cwd=ROOT, env=env, timeout=max(5, left - (time.time() - t0)))
+        deadline = time.time() + args.limit - 12  # room to stop torchrun cleanly before the driver's kill
+
+        def run(cmd) -> int:
+            # torchrun starts each worker in a session of its own, out of reach of the driver's
+            # process-group kill; on SIGTERM it stops them itself, so a late run gets SIGTERM first
+            p = subprocess.Popen(cmd, cwd=ROOT, env=env)
+            try:
+                return p.wait(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                try:
+                    p.wait(timeout=8)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                raise
+        # one after the other: side by side, the 1-process run and rank 0 would share GPU 0
         r1 = run([sys.executable, *common, "--out-dir", str(one)])
-        if r1.returncode:
-            return {"ok": False, "result": f"1 process: train.py exit {r1.returncode}"}
+        if r1:
+            return {"ok": False, "result": f"1 process: train.py exit {r1}"}
         r2 = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                   *common, "--out-dir", str(two)])
-        if r2.returncode:
-            return {"ok": False, "result": f"torchrun 2 processes: exit {r2.returncode}"}
+        if r2:
+            return {"ok": False, "result": f"torchrun 2 processes: exit {r2}"}
         read = lambda d: [json.loads(ln) for ln in (d / "log.jsonl").read_text().splitlines()]
         ok, worst, where = losses_agree(read(one), read(two), tol)
     text = (f"2 processes ({what}) vs 1, {args.ddp_steps} steps: lm/rep/fm of every step agree, largest "
@@ -224,17 +236,23 @@ def run_stage(args) -> dict:
 
 def stage_main(args):
     """Run one stage and write {"status", "result", ...} to --result; the exit code says ok."""
+    if args.limit is None:  # run by hand, not by the driver
+        args.limit = (QUICK_LIMITS if args.quick else LIMITS)[args.stage]
+    if args.result is None:
+        args.result = os.devnull
     try:
         out = run_stage(args)
         out["status"] = "ok" if out.pop("ok") else "FAIL"
     except Skipped as e:
         out = {"status": "skipped", "result": str(e)}
     except subprocess.TimeoutExpired as e:
-        out = {"status": "timeout", "result": f"{' '.join(map(str, e.cmd))[:80]}... ran past {e.timeout:.0f}s"}
+        cmd = " ".join(map(str, e.cmd))
+        out = {"status": "timeout", "result": f"{cmd[:80]}{'...' if len(cmd) > 80 else ''}: stopped at the stage's limit"}
     except Exception as e:  # reported in the table; the traceback goes to the log above it
         import traceback
         traceback.print_exc()
         out = {"status": "FAIL", "result": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+    print(f"[{args.stage}] {out['status']}: {out['result']}", flush=True)
     Path(args.result).write_text(json.dumps(out, default=float))
     sys.exit(0 if out["status"] in ("ok", "skipped") else 1)
 
@@ -252,7 +270,16 @@ def launch(stage: str, argv: list[str], limit: float) -> dict:
     try:
         p.wait(timeout=limit)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+        # SIGTERM first: torchrun, if running, then stops its workers (they are in sessions of their own)
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         p.wait()
         res = {"status": "timeout", "result": f"killed after its {limit:.0f}s limit"}
     else:
