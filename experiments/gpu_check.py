@@ -129,20 +129,23 @@ def stage_train(args, name: str, overrides: list[str]) -> dict:
     import torch
     from experiments.bench import bench_train
     dev = torch.device(args.device)
-    if dev.type == "cuda":
-        name_ = torch.cuda.get_device_name(dev)
-        peak, why = peak_tflops(name_, args.peak_tflops) if args.dtype == "bf16" or args.peak_tflops else \
-            (None, "no fp32 peak table; pass --peak-tflops")
-        torch.cuda.reset_peak_memory_stats(dev)
+    if args.peak_tflops:
+        peak, why = args.peak_tflops, "--peak-tflops"
+    elif dev.type != "cuda":
+        peak, why = None, "no peak for a CPU; pass --peak-tflops"
+    elif args.dtype != "bf16":
+        peak, why = None, "the peak table is bf16's; pass --peak-tflops for fp32"
     else:
-        peak, why = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else (None, "no peak for a CPU; pass --peak-tflops")
+        peak, why = peak_tflops(torch.cuda.get_device_name(dev))
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     warmup, repeat = (1, 1) if args.quick else (2, 5)
     r = bench_train(name, overrides, repeat=repeat, device=dev, dtype=dtype_of(args), warmup=warmup)
     u = mfu(r["flops"], r["sec"], peak)
     mem = f", peak memory {torch.cuda.max_memory_allocated(dev) / 2 ** 30:.1f} GiB" if dev.type == "cuda" else ""
     text = (f"{name}{' (tiny widths)' if args.quick else ''} {r['params_m']:.1f}M params, {args.dtype}: "
-            f"{r['sec']:.3f} s/step, {r['tokens_s']:,.0f} tokens/s, {r['gflops'] / 1e3:.3g} TFLOP/s, MFU " + (f"{100 * u:.1f}% of {peak:g} TFLOP/s ({why})" if u is not None
-                                                         else f"n/a ({why})") + mem)
+            f"{r['sec']:.3f} s/step, {r['tokens_s']:,.0f} tokens/s, {r['gflops'] / 1e3:.3g} TFLOP/s, MFU "
+            + (f"{100 * u:.1f}% of {peak:g} TFLOP/s ({why})" if u is not None else f"n/a ({why})") + mem)
     ok = math.isfinite(r["loss"])
     return {"ok": ok, "result": text if ok else f"non-finite loss {r['loss']}; " + text,
             "numbers": {**r, "mfu": u, "peak_tflops": peak}}
