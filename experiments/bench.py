@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -22,6 +23,25 @@ from nanorf.targets import RepresentationTargets
 from nanorf.mot import PIX
 from nanorf.stream import Stream
 from nanorf.sampler import prefill, sample_rep_tokens, settings_for, step_tokens, text_to_image
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued kernels: CUDA runs asynchronously, so a timer read without
+    this measures the launches, not the work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device, dtype=None):
+    """torch.autocast to `dtype` on `device`'s type, or nothing when dtype is None (float32)."""
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def build(cfg_model, device="cpu") -> RFModel:
+    """An RFModel whose parameters are created on `device` (a 760M-parameter paper trunk
+    initialises in seconds on a GPU, minutes on a few CPU cores)."""
+    with torch.device(device):
+        return RFModel(cfg_model).to(device)
 
 
 def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
@@ -80,32 +100,40 @@ def train_step_flops(cfg, gen_len: int, und_len: int) -> float:
     return 3 * (gen + und) + targets
 
 
-def bench_train(name: str, overrides=(), repeat: int = 3) -> dict:
-    """Time full training steps (targets + forward + backward + AdamW) of a preset."""
+def bench_train(name: str, overrides=(), repeat: int = 3, device="cpu", dtype=None, warmup: int = 1) -> dict:
+    """Time full training steps (targets + forward + backward + AdamW) of a preset on `device`,
+    forward and backward under autocast to `dtype` as train.py does on CUDA (None: float32).
+    The FLOPs are the same whatever the dtype: MFU is then measured against that dtype's peak."""
     cfg = get_config(name)
     apply_overrides(cfg, list(overrides))
     torch.manual_seed(0)
-    model = RFModel(cfg.model)
-    targets = RepresentationTargets(cfg.model, model.vit) if cfg.model.rf else None
+    device = torch.device(device)
+    model = build(cfg.model, device)
+    targets = RepresentationTargets(cfg.model, model.vit).to(device) if cfg.model.rf else None
     opt = model.configure_optimizer(cfg.train)
-    stream, t, cpu = Stream(cfg, model), cfg.train, torch.device("cpu")
-    gen = stream.gen_batch(0, range(t.batch_size), stream.draws(0), cpu)
-    und = stream.und_batch(0, range(t.und_batch_size), cpu)
+    stream, t = Stream(cfg, model), cfg.train
+    gen = stream.gen_batch(0, range(t.batch_size), stream.draws(0), device)
+    und = stream.und_batch(0, range(t.und_batch_size), device)
     gen_len = model.gen_layout(gen.prompts, model.n_rep, model.n_pix).tokens.shape[1]
     und_len = model.und_layout(und.questions, und.answers).tokens.shape[1]
+    amp, losses = autocast(device, dtype), []
 
     def step():
         if targets is not None:
-            targets.label(gen)
-        loss, _ = model(gen, und)
-        loss.backward()
+            targets.label(gen)  # outside autocast, as in train.py: the EMA encoder's targets in float32
+        with amp:
+            loss, _ = model(gen, und)
+            loss.backward()
+        losses.append(loss.detach())
         opt.step()
         opt.zero_grad(set_to_none=True)
-    sec = timeit(step, repeat)
+        synchronize(device)
+    sec = timeit(step, repeat, warmup)
     flops = train_step_flops(cfg, gen_len, und_len)
     tokens = t.batch_size * gen_len + t.und_batch_size * und_len
-    return {"name": name, "sec": sec, "tokens_s": tokens / sec, "gflops": flops / sec / 1e9,
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    return {"name": name, "sec": sec, "tokens_s": tokens / sec, "gflops": flops / sec / 1e9, "flops": flops,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "loss": float(losses[-1])}  # finite: the timed steps trained on real numbers
 
 
 def bench_sampling(model: RFModel, prompts, steps: int, repeat: int = 2) -> dict:
@@ -122,56 +150,80 @@ def uncached_decode_s(m: RFModel, prompt, fit: bool) -> float:
     token i re-runs a forward over the whole prefix, i rep tokens long. fit=False times
     them all; fit=True times the forwards at 9 prefix lengths and sums a least-squares
     a + b i + c i^2 over all i (linear layers cost ~i, attention ~i^2)."""
-    N = m.n_rep
+    N, dev = m.n_rep, next(m.parameters()).device
     if not fit:
+        synchronize(dev)
         t0 = time.perf_counter()
         sample_rep_tokens(m, prompt, settings_for(m, cfg_rep=1.0, top_k=0, temperature=1.0),
                           torch.Generator().manual_seed(0))
+        synchronize(dev)
         return time.perf_counter() - t0
-    codes = torch.zeros(1, N, dtype=torch.long)
+    codes = torch.zeros(1, N, dtype=torch.long, device=dev)
+
+    def forward(i):
+        m.gen_forward(prompt, codes[:, :i], None, None)
+        synchronize(dev)
     xs = torch.linspace(0, N - 1, 9).round().long().tolist()
-    ys = [timeit(lambda: m.gen_forward(prompt, codes[:, :i], None, None), 2) for i in xs]
+    ys = [timeit(lambda: forward(i), 2) for i in xs]
     A = torch.tensor([[1.0, i, i * i] for i in xs], dtype=torch.float64)
     coef = torch.linalg.lstsq(A, torch.tensor(ys, dtype=torch.float64)[:, None]).solution[:, 0]
     i = torch.arange(N, dtype=torch.float64)
     return float((coef[0] + coef[1] * i + coef[2] * i * i).sum())
 
 
-def paper1024_probe(dim: int, depth: int, heads: int, fit: bool) -> dict:
+def paper1024_probe(dim: int, depth: int, heads: int, fit: bool, device="cpu", dtype=None,
+                    overrides=()) -> dict:
     """The paper's 1024-px token counts (1,024 rep tokens, 4,096 pixel patches) on a random
     model that runs here: rep decoding cached vs uncached, and one cached diffusion step
-    against the uncached one and against a forward over the pixel block alone."""
+    against the uncached one and against a forward over the pixel block alone. On `device`,
+    under autocast to `dtype` (None: float32); `overrides` change anything else (tests shrink
+    the token counts with them)."""
     cfg = get_config("paper1024")
+    # the ViT and the codebook do not take part in sampling: small ones build faster
     apply_overrides(cfg, [f"model.mot.dim={dim}", f"model.mot.depth={depth}", f"model.mot.heads={heads}",
-                          "model.vit.dim=64", "model.vit.depth=1", "model.vit.heads=1", "model.vq.codebook_size=1024"])
+                          "model.vit.dim=64", "model.vit.depth=1", "model.vit.heads=1", "model.vq.codebook_size=1024",
+                          *overrides])
     torch.manual_seed(0)
-    m = RFModel(cfg.model).eval()
+    dev = torch.device(device)
+    m = build(cfg.model, dev).eval()
     out = {"n_rep": m.n_rep, "n_pix": m.n_pix, "dim": dim, "depth": depth, "heads": heads, "fit": fit}
     prompt = [m.tok.encode("a red circle at the top left")]
-    with torch.no_grad():
+    with torch.no_grad(), autocast(dev, dtype):
         # cached: prefill, then every token one single-token step
+        synchronize(dev)
         t0 = time.perf_counter()
         lay = m.gen_layout(prompt, 0, 0)
         _, cache = prefill(m, lay, m.embed(lay), m.n_rep + 1)
-        pos = lay.pos[:, -1:] + 1
-        codes = torch.zeros(1, m.n_rep, dtype=torch.long)
+        pos = lay.pos[:, -1:].to(dev) + 1
+        codes = torch.zeros(1, m.n_rep, dtype=torch.long, device=dev)
         for i in range(m.n_rep):
             h = step_tokens(m, cache, m.embed_rep(codes[:, i:i + 1], i), 1, pos + i, cache.mask(1, bidir=False), write=True)
             m.rep.readout(h[:, -1])
+        synchronize(dev)
         out["decode_cached_s"] = time.perf_counter() - t0
         out["decode_uncached_s"] = uncached_decode_s(m, prompt, fit)
         # [BOP], then one diffusion step with and without the prefix
-        step_tokens(m, cache, m.tok_emb(torch.full((1, 1), m.tok.bop)), PIX, pos + m.n_rep, cache.mask(1, False), True)
-        z = torch.randn(1, m.n_pix, cfg.model.patch_size ** 2 * 3)
-        t = torch.full((1,), 0.5)
+        step_tokens(m, cache, m.tok_emb(torch.full((1, 1), m.tok.bop, device=dev)), PIX, pos + m.n_rep,
+                    cache.mask(1, False), True)
+        z = torch.randn(1, m.n_pix, cfg.model.patch_size ** 2 * 3, device=dev)
+        t = torch.full((1,), 0.5, device=dev)
         pix_pos = pos + m.n_rep + 1
         mask = cache.mask(m.n_pix, bidir=True)
-        step_cached = timeit(lambda: m.pix_head(step_tokens(m, cache, m.embed_pix(z, t), PIX, pix_pos, mask, False)), 2)
-        pix_only = lambda: m.pix_head(m.mot(m.embed_pix(z, t), torch.full((1, m.n_pix), PIX), pix_pos.expand(1, m.n_pix),
-                                            torch.ones(1, 1, m.n_pix, m.n_pix, dtype=torch.bool)))
-        step_alone = timeit(pix_only, 2)
-        step_uncached = timeit(lambda: m.gen_forward(prompt, codes, z, t), 1)
+        full = torch.ones(1, 1, m.n_pix, m.n_pix, dtype=torch.bool, device=dev)
+
+        def timed(fn, repeat):
+            def run():
+                fn()
+                synchronize(dev)
+            return timeit(run, repeat)
+        step_cached = timed(lambda: m.pix_head(step_tokens(m, cache, m.embed_pix(z, t), PIX, pix_pos, mask, False)), 2)
+        pix_only = lambda: m.pix_head(m.mot(m.embed_pix(z, t), torch.full((1, m.n_pix), PIX, device=dev),
+                                            pix_pos.expand(1, m.n_pix), full))
+        step_alone = timed(pix_only, 2)
+        step_uncached = timed(lambda: m.gen_forward(prompt, codes, z, t), 1)
     out.update(step_cached_s=step_cached, step_pixels_alone_s=step_alone, step_uncached_s=step_uncached)
+    out["per_image_cached_s"] = out["decode_cached_s"] + 25 * step_cached
+    out["per_image_uncached_s"] = out["decode_uncached_s"] + 25 * step_uncached
     return out
 
 
@@ -184,8 +236,7 @@ def report_1024(r: dict):
     print(f"  one diffusion step: cached {r['step_cached_s']:.3f}s, uncached {r['step_uncached_s']:.3f}s, "
           f"pixel block alone {r['step_pixels_alone_s']:.3f}s -> cached / pixels-alone = "
           f"{r['step_cached_s'] / r['step_pixels_alone_s']:.2f}")
-    per_img_c = r["decode_cached_s"] + 25 * r["step_cached_s"]
-    per_img_u = r["decode_uncached_s"] + 25 * r["step_uncached_s"]
+    per_img_c, per_img_u = r["per_image_cached_s"], r["per_image_uncached_s"]
     print(f"  per image at 25 steps: cached {per_img_c:.1f}s, uncached {per_img_u:.1f}s, "
           f"speed-up {per_img_u / per_img_c:.1f}x")
 

@@ -52,6 +52,16 @@ def _tiny_model(*extra: str, seed: int = 0, randomize_pix_head: bool = True):
     return model.eval()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, with the reason, on a machine without CUDA (this one)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run by experiments/gpu_check.sh when a GPU is lent)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_config():
     """Factory: tiny_config("model.rf=false", ...) -> Config."""
