@@ -92,6 +92,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="global generation batch per step")
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="per-rank generation examples per micro-step (gradient accumulation)")
+    p.add_argument("--tokens-per-rank", type=int, default=None, metavar="T",
+                   help="pack each rank's share of the step into rows of T tokens, one row per forward, "
+                        "examples of any size and aspect ratio back to back (NaViT; paper: 32768); "
+                        "replaces --micro-batch-size")
     p.add_argument("--lr", type=float, default=None, help="base learning rate")
     p.add_argument("--per-modality-attention", action="store_true",
                    help="BAGEL's MoT variant: separate q/k/v/o and norms per modality")
@@ -112,7 +116,8 @@ def build_config(args) -> Config:
         cfg.model = Config.from_dict(load_checkpoint(args.init_from)["config"]).model
     t, m = cfg.train, cfg.model
     for name, value in (("max_steps", args.max_steps), ("seed", args.seed), ("batch_size", args.batch_size),
-                        ("micro_batch_size", args.micro_batch_size), ("lr", args.lr),
+                        ("micro_batch_size", args.micro_batch_size), ("tokens_per_rank", args.tokens_per_rank),
+                        ("lr", args.lr),
                         ("data", args.data), ("eval_per_kind", args.eval_per_kind), ("vit_init", args.vit_init),
                         ("init_llm", args.init_llm), ("init_vit", args.init_vit), ("init_from", args.init_from),
                         ("freeze", args.freeze), ("stage", args.stage), ("keep", args.keep)):

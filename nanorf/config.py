@@ -216,6 +216,8 @@ class TrainConfig:
     batch_size: int = 64           # global generation examples per step (all ranks, all micro-steps)
     und_batch_size: int = 32       # global understanding examples per step
     micro_batch_size: int = 0      # per-rank per-micro-step generation examples; 0 = no accumulation
+    tokens_per_rank: int = 0       # > 0: pack each rank's examples into rows of this many tokens, one row
+                                   # per forward, instead of padded micro-batches (nanorf/packing.py; paper 32,768)
     lr: float = 5e-5
     new_param_lr_mult: float = 4.0  # paper: x4 LR on newly initialised generation parameters
     warmup_steps: int = 500

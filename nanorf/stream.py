@@ -49,8 +49,9 @@ class Stream:
         self._perm = (-1, None)  # (epoch, permutation) of a folder dataset
         self.bad: dict[int, str] = {}  # folder index -> why it does not decode (every bad item known here)
         self.fresh: list[int] = []     # bad indices this process found since the last `take_fresh`
-        if t.data:
-            self.gen = self.und = ImageCaptionFolder(t.data, m.image_size)
+        if t.data:  # packed runs keep each image's aspect ratio (nanorf/packing.py); padded ones crop squares
+            self.gen = self.und = ImageCaptionFolder(t.data, m.image_size, keep_aspect=t.tokens_per_rank > 0,
+                                                     multiple=m.size_multiple)
         else:
             self.gen = ShapesWorld(m.image_size, seed=t.seed, kinds=t.kinds)
             self.und = ShapesWorld(m.image_size, seed=t.seed + 1_000_003, kinds=t.kinds)
@@ -117,6 +118,25 @@ class Stream:
                         images=images_to_tensor([it["image"] for it in items]).to(device), targets=None,
                         t=d.t[sl].to(device), eps=d.eps[sl].to(device), drop_text=d.drop_text[sl],
                         drop_rep=d.drop_rep[sl], target_draws=extra)
+
+    def gen_examples(self, step: int, idx: range, d: StepDraws, device) -> list[GenBatch]:
+        """Examples idx one by one, for packing: each keeps its image's own size. An image of
+        another size than the config's square canvas gets noise of its own grid, drawn from a
+        generator seeded with (seed, step, example), so it too is independent of rank and pack."""
+        m = self.cfg.model
+        out = []
+        for k in idx:
+            b = self.gen_batch(step, range(k, k + 1), d, device)
+            n_pix = m.grids(b.images.shape[-2:]).n_pix
+            if n_pix != b.eps.shape[1]:
+                g = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + step) * 1_000_033 + k)
+                b.eps = (torch.randn(1, n_pix, m.patch_size ** 2 * 3, generator=g) * m.flow.noise_scale).to(device)
+            out.append(b)
+        return out
+
+    def und_examples(self, step: int, idx: range, device) -> list[UndBatch]:
+        """Understanding examples idx one by one, for packing (each image at its own size)."""
+        return [self.und_batch(step, range(k, k + 1), device) for k in idx]
 
     def und_batch(self, step: int, idx: range, device) -> UndBatch:
         """Examples idx of the step's global understanding batch: one question per image."""
