@@ -255,9 +255,10 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
             # Rank r's share of the global batch is the contiguous slice [r * share, (r + 1) * share)
             # of its examples, cut into `accum` micro-batches. Which rank and micro-step an example
             # lands on changes no result (up to float summation order; a routed-MoE decoder's
-            # load-balancing loss aside, which is per micro-batch); contiguity makes the step's target features, gathered in
-            # rank order, the global batch in example order, which the codebook's first-step
-            # initialisation draws from (so it too is the same on any number of processes).
+            # load-balancing loss aside, which is per micro-batch). Contiguity makes the step's
+            # target features, gathered in rank order, the global batch in example order, which the
+            # codebook's first-step initialisation draws from (so it too is the same on any number
+            # of processes).
             share, ushare = accum * mb, accum * umb
             starts = [(rank * share + micro * mb, rank * ushare + micro * umb) for micro in range(accum)]
             # All of this rank's generation micro-batches are built up front so the online VQ can
@@ -270,7 +271,7 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
                     for start, _ in starts]
             # The codebook (and the mean patch per code of --rep-map) is updated once, here, before
             # the step is known to be finite; we copy it first (K x D and K patches) and put it back
-            # if the step is skipped. A good step runs exactly as before, so resume and DDP equality hold.
+            # if the step is skipped. A good step never reads the copy, so resume and DDP equality hold.
             codebook = targets.snapshot() if targets is not None else None
             if targets is not None and mb:
                 targets.label(*gens)  # the clean images' rep targets (and REPA's features)
