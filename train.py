@@ -14,16 +14,18 @@
 One step = one global batch of `batch_size` generation examples and `und_batch_size`
 understanding examples, split over ranks and gradient-accumulation micro-steps.
 Every random draw of a step (which examples, t, noise, CFG drops) is a function of
-(seed, step, example index), never of the rank or the micro-step (nanorf/stream.py), so a run
-gives the same result on any number of processes and resumes exactly from a checkpoint
+(seed, step, example index), never of the rank or the micro-step (nanorf/stream.py), and the
+online VQ assigns codes over the step's whole global batch, so a run gives the same result on
+any number of processes and any --micro-batch-size, and resumes exactly from a checkpoint
 that holds only weights, optimiser, codebook and the step.
 
-The step (in `train`, top to bottom): the EMA encoder + online VQ turn the clean images
-into target codes; forward and backward on every micro-batch (DDP syncs gradients on the
-last one only); clip; every rank agrees whether the losses and the gradient norm are finite;
-if so, AdamW (0.9, 0.95, wd 0.1) with linear warmup then constant LR, then the target
-encoder's EMA and the sampling EMA of the whole model are updated; if not, the step is skipped
-and the codebook put back as it was. `train.max_bad_steps` skipped steps in a row end the run
+The step (in `train`, top to bottom): the EMA encoder + online VQ turn the clean images of the
+step's global batch into target codes (one assignment and one codebook update per step);
+forward and backward on every micro-batch (DDP syncs gradients on the last one only); clip;
+every rank agrees whether the losses and the gradient norm are finite; if so, AdamW
+(0.9, 0.95, wd 0.1) with linear warmup then constant LR, then the target encoder's EMA and the
+sampling EMA of the whole model are updated; if not, the step is skipped and the codebook put
+back as it was. `train.max_bad_steps` skipped steps in a row end the run
 (RunStopped) without touching the last checkpoint.
 """
 
@@ -255,20 +257,33 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, t) * group["lr_mult"]
             draws = stream.draws(step)
-            # The online codebook updates inside every training forward (per micro-step, as
-            # docs/method.md "Representation targets and online VQ" describes). Deferring those
-            # updates until the step is known to be finite would change what later micro-steps
-            # see; instead we copy the codebook (K x D, and the K mean patches of --rep-map) and put
-            # it back if the step is skipped. A good step runs exactly as before, so resume and DDP equality still hold.
+            # Rank r's share of the global batch is the contiguous slice [r * share, (r + 1) * share)
+            # of its examples, cut into `accum` micro-batches. Which rank and micro-step an example
+            # lands on changes no result (up to float summation order; a routed-MoE decoder's
+            # load-balancing loss aside, which is per micro-batch). Contiguity makes the step's
+            # target features, gathered in rank order, the global batch in example order, which the
+            # codebook's first-step initialisation draws from (so it too is the same on any number
+            # of processes).
+            share, ushare = accum * mb, accum * umb
+            starts = [(rank * share + micro * mb, rank * ushare + micro * umb) for micro in range(accum)]
+            # All of this rank's generation micro-batches are built up front so the online VQ can
+            # assign codes over the whole step at once (RepresentationTargets.label: the batch softmax
+            # and the codebook update see the global batch, not one micro-batch, so the targets do not
+            # depend on --micro-batch-size). Holding a step's images and noise (B/world x 3 x H x W
+            # each) is cheap next to one micro-batch's activations; the EMA encoder still runs one
+            # micro-batch at a time.
+            gens = [stream.gen_batch(step, range(start, start + mb), draws, device) if mb else None
+                    for start, _ in starts]
+            # The codebook (and the mean patch per code of --rep-map) is updated once, here, before
+            # the step is known to be finite; we copy it first (K x D and K patches) and put it back
+            # if the step is skipped. A good step never reads the copy, so resume and DDP equality hold.
             codebook = targets.snapshot() if targets is not None else None
+            if targets is not None and mb:
+                targets.label(*gens)  # the clean images' rep targets (and REPA's features)
             sums = torch.zeros(4)  # lm, rep, fm, aux (MoE only) of this rank's share of the batch
             bad_slots = torch.zeros(t.batch_size + t.und_batch_size)  # examples of non-finite micro-batches
-            for micro in range(accum):
-                start, ustart = (micro * world + rank) * mb, (micro * world + rank) * umb
-                gen = stream.gen_batch(step, range(start, start + mb), draws, device) if mb else None
+            for micro, (gen, (start, ustart)) in enumerate(zip(gens, starts)):
                 und = stream.und_batch(step, range(ustart, ustart + umb), device)
-                if targets is not None and gen is not None:
-                    targets.label(gen)  # the clean images' rep targets (and REPA's features)
                 sync = ddp.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
                 with sync, amp:
                     loss, parts = ddp(gen, und)

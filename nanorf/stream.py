@@ -2,8 +2,9 @@
 
 Every random draw of a step (which examples, the flow times t, the noise, the CFG drops of
 docs/method.md, "Classifier-free guidance") is a function of (seed, step, example index),
-never of the rank or the gradient-accumulation micro-step. So a run gives the same result
-on any number of processes, and resumes exactly from a checkpoint that holds only the
+never of the rank or the gradient-accumulation micro-step. With the online VQ assigning codes
+over a step's whole batch (nanorf/targets.py), a run gives the same result on any number of
+processes and any micro-batch size, and resumes exactly from a checkpoint that holds only the
 weights, the optimiser, the codebook and the step.
 
 A folder image that fails to decode is replaced by the next index that does (`_folder_item`):

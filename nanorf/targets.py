@@ -4,6 +4,9 @@
 An EMA copy of the image encoder (no gradient) reads the clean image; its last-layer patch
 features before the final norm are 2x2-pooled and L2-normalised (vq.EMAEncoder), and the
 online VQ of the paper's Algorithm 1 (vq.OnlineVQ) turns them into N code ids, raster order.
+train.py labels a step's generation micro-batches together (`label`): one assignment and one
+codebook update per optimiser step, over the step's whole (global) batch, so the targets do not
+depend on how the batch is split into ranks and gradient-accumulation micro-steps.
 This module composes the two for train.py; it is not part of RFModel, is not averaged into the
 sampling EMA, and is not needed to sample.
 """
@@ -50,14 +53,26 @@ class RepresentationTargets(nn.Module):
     def forward(self, images: torch.Tensor, update: bool = True) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N) code ids, raster order over the pooled grid; with
         continuous targets, the features x = sqrt(D) f (B, N, D) instead."""
-        z = self.encoder.features(images)                                          # (B, N, D), unit norm
+        return self.targets_of([images], update)[0]
+
+    @torch.no_grad()
+    def targets_of(self, images: list[torch.Tensor], update: bool = True) -> list[torch.Tensor]:
+        """The targets of several image batches labelled as ONE batch: one EMA-encoder forward
+        per batch (so the encoder's peak memory stays that of one batch), then one VQ assignment,
+        codebook update (or first-forward initialisation) and `track_patches` over all of their
+        features together. train.py passes a step's micro-batches, so the batch softmax and the
+        update see the step's whole batch whatever `--micro-batch-size` is (under DDP, with the
+        VQ's all-reduces, the whole global batch). Returns one tensor per input batch, as forward."""
+        feats = [self.encoder.features(x) for x in images]                        # (B_i, N, D) each, unit norm
+        z = torch.cat(feats)                                                       # (B, N, D), B = sum B_i
         B, N, D = z.shape
         if self.vq is None:
-            return z * D ** 0.5
-        codes = self.vq(z.reshape(B * N, D), update=update).view(B, N)
-        if update and self.training:
-            self.track_patches(images, codes)
-        return codes
+            out = z * D ** 0.5
+        else:
+            out = self.vq(z.reshape(B * N, D), update=update).view(B, N)           # (B*N,) -> (B, N)
+            if update and self.training:
+                self.track_patches(torch.cat(images), out)
+        return list(out.split([len(x) for x in images]))
 
     @torch.no_grad()
     def track_patches(self, images: torch.Tensor, codes: torch.Tensor):
@@ -77,13 +92,16 @@ class RepresentationTargets(nn.Module):
         self.code_seen |= used
 
     @torch.no_grad()
-    def label(self, b: GenBatch):
-        """Fill in a batch's targets from its clean images: the rep targets (with rep tokens)
-        and REPA's features (with a REPA weight)."""
+    def label(self, *batches: GenBatch):
+        """Fill in the targets of one step's generation micro-batches from their clean images:
+        the rep targets (with rep tokens), assigned over all the batches together
+        (`targets_of`), and REPA's features (with a REPA weight), per batch."""
         if self.cfg.rf:
-            b.targets = self(b.images)
+            for b, t in zip(batches, self.targets_of([b.images for b in batches])):
+                b.targets = t
         if self.cfg.repa_weight:
-            b.align = self.align(b.images)
+            for b in batches:
+                b.align = self.align(b.images)
 
     @torch.no_grad()
     def align(self, images: torch.Tensor) -> torch.Tensor:

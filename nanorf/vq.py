@@ -37,8 +37,11 @@ Choices the paper leaves open:
     separates duplicates (e.g. many identical background patches), which otherwise tie forever
     and the higher-index copy is never chosen. The `initialized` buffer is saved in checkpoints,
     so a resumed run does not re-initialise.
-  * One codebook update per forward in training mode (so per micro-step under gradient
-    accumulation); no update in eval mode; no dead-code restarts beyond the Sinkhorn step.
+  * One codebook update per forward in training mode; no update in eval mode; no dead-code
+    restarts beyond the Sinkhorn step. train.py makes one forward per optimiser step, over the
+    concatenated features of all of the step's micro-batches (targets.RepresentationTargets.label),
+    so "the batch" of steps 4 and 6 (and of the initialisation) is the step's global batch, all
+    ranks x all gradient-accumulation micro-steps, and the codes do not depend on the split.
   * The VQ runs in fp32 with autocast disabled: cosine logits / tau in bf16 would tie codes.
 """
 

@@ -341,3 +341,37 @@ def test_code_patches_are_running_means_of_the_patches_under_each_code(tiny_mode
     rt(a, update=False)                                                            # nor without update
     assert torch.equal(rt.code_patches, frozen)
 
+
+
+def _label_only(images):
+    """A GenBatch holding only what RepresentationTargets.label reads: the clean images."""
+    B, no = len(images), torch.zeros(len(images), dtype=torch.bool)
+    return GenBatch(prompts=[[65]] * B, images=images, targets=None, t=torch.zeros(B),
+                    eps=torch.zeros(B, 16, 48), drop_text=no, drop_rep=no)
+
+
+def test_a_steps_targets_do_not_depend_on_its_micro_batches(tiny_model, tiny_config):
+    """label(*micro_batches) makes one assignment, one codebook update (the first time: the
+    initialisation) and one mean-patch update over the step's micro-batches together: 2
+    micro-batches of 2 get the codes, codebook and mean patches of one micro-batch of the same 4
+    examples, step after step. Labelled one micro-batch at a time (the per-micro-step VQ nanorf had
+    before), the codebook would differ: the init draws from 8 features instead of 16 and each
+    micro-step's batch softmax and update see half the batch."""
+    m = tiny_model()
+    cfg = tiny_config().model
+    whole, split, apart = (RepresentationTargets(cfg, m.vit).train() for _ in range(3))
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        images = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1               # 4 images x N = 4 cells: 16 = K features
+        one, halves = _label_only(images), [_label_only(images[:2]), _label_only(images[2:])]
+        whole.label(one)
+        split.label(*halves)
+        assert one.targets.shape == (4, 4) and [b.targets.shape for b in halves] == [(2, 4), (2, 4)]
+        assert torch.equal(torch.cat([b.targets for b in halves]), one.targets), step
+        for b in (_label_only(images[:2]), _label_only(images[2:])):
+            apart.label(b)
+    assert bool(split.vq.initialized)
+    torch.testing.assert_close(split.vq.prototypes, whole.vq.prototypes, rtol=0, atol=1e-6)
+    torch.testing.assert_close(split.code_patches, whole.code_patches, rtol=0, atol=1e-6)
+    assert torch.equal(split.code_seen, whole.code_seen)
+    assert not torch.allclose(apart.vq.prototypes, whole.vq.prototypes, atol=1e-2)

@@ -70,7 +70,9 @@ def files(d: Path) -> list[str]:
 def test_a_non_finite_step_is_skipped_exactly(tmp_path, monkeypatch, capsys):
     """A NaN image in the second micro-batch of step 3: the step is skipped, and the run ends
     with the weights, EMA, optimiser, EMA encoder and codebook of a run that never took it."""
-    mb = ["--micro-batch-size", "4"]  # 2 micro-steps: the codebook is updated by the good one first
+    # 2 micro-steps: the step's one codebook update sees the NaN features of the second, and the
+    # first's targets come from a NaN batch softmax but its losses stay finite (only the bad one is blamed)
+    mb = ["--micro-batch-size", "4"]
     ref = tmp_path / "ref"  # steps 1-2, then on from step 3's checkpoint, relabelled as step 3
     run_train(ref, "--max-steps", "2", *mb)
     ck = load_checkpoint(ref / "ckpt.pt")
