@@ -50,6 +50,7 @@ from nanorf.config import PRESETS, Config, apply_overrides, get_config
 from nanorf.data import DataError, ImageCaptionFolder
 from nanorf.guard import RunStopped, agree_on_step, check_bad_fraction, save, share_bad_items
 from nanorf.model import RFModel, validate
+from nanorf.packing import check_packing, first_fit, gen_doc, stack, und_doc
 from nanorf.runlog import RunLog, step_record
 from nanorf.stages import apply_stage, freeze, initial_model, load_weights_from, parse_freeze
 from nanorf.stream import Stream
@@ -140,6 +141,8 @@ def build_config(args) -> Config:
     if t.freeze:
         parse_freeze(t.freeze)  # fail early on an unknown group
     validate(cfg.model)
+    if t.tokens_per_rank:
+        check_packing(cfg.model, t.tokens_per_rank)
     return cfg
 
 
@@ -182,6 +185,16 @@ def setup_distributed(device_arg):
             print("note: torchrun restarts may fail to reconnect unless torchrun runs with "
                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README, \"Long runs\")")
     return rank, world, device
+
+
+def packed_micro_steps(model: RFModel, gens, unds, gen_slot: int, und_slot: int, budget: int):
+    """This rank's examples as packed rows of `budget` tokens (nanorf/packing.py), one per forward:
+    [((Pack, n_gen, n_und), the examples' slots in the step's global batch)]. Each pack's loss is
+    its examples' share of the rank's means, so the packs' losses add up to the padded step's."""
+    docs = [gen_doc(model, b) for b in gens] + [und_doc(model, b) for b in unds]
+    slots = list(range(gen_slot, gen_slot + len(gens))) + list(range(und_slot, und_slot + len(unds)))
+    return [((stack([docs[i] for i in idx]), len(gens), len(unds)), [slots[i] for i in idx])
+            for idx in first_fit([len(d.tokens) for d in docs], budget)]
 
 
 def micro_batch_sizes(t, world: int) -> tuple[int, int, int]:
@@ -272,28 +285,39 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
             # depend on --micro-batch-size). Holding a step's images and noise (B/world x 3 x H x W
             # each) is cheap next to one micro-batch's activations; the EMA encoder still runs one
             # micro-batch at a time.
-            gens = [stream.gen_batch(step, range(start, start + mb), draws, device) if mb else None
-                    for start, _ in starts]
+            if t.tokens_per_rank:  # packing: one example per batch, each at its own size
+                gens = stream.gen_examples(step, range(rank * share, (rank + 1) * share), draws, device)
+            else:
+                gens = [stream.gen_batch(step, range(start, start + mb), draws, device) if mb else None
+                        for start, _ in starts]
             # The codebook (and the mean patch per code of --rep-map) is updated once, here, before
             # the step is known to be finite; we copy it first (K x D and K patches) and put it back
             # if the step is skipped. A good step never reads the copy, so resume and DDP equality hold.
             codebook = targets.snapshot() if targets is not None else None
             if targets is not None and mb:
                 targets.label(*gens)  # the clean images' rep targets (and REPA's features)
+            if t.tokens_per_rank:  # the rank's share as packed rows: (inputs, example slots) per forward
+                unds = stream.und_examples(step, range(rank * ushare, (rank + 1) * ushare), device)
+                micro_steps, scale = packed_micro_steps(model, gens, unds, rank * share, t.batch_size + rank * ushare,
+                                                        t.tokens_per_rank), 1.0
+            else:
+                micro_steps = [((gen, stream.und_batch(step, range(u, u + umb), device)),
+                                list(range(g, g + mb)) + list(range(t.batch_size + u, t.batch_size + u + umb)))
+                               for gen, (g, u) in zip(gens, starts)]
+                scale = 1.0 / accum  # each micro-batch's loss is its mean; a pack's is already a share of the step's
             sums = torch.zeros(4)  # lm, rep, fm, aux (MoE only) of this rank's share of the batch
             bad_slots = torch.zeros(t.batch_size + t.und_batch_size)  # examples of non-finite micro-batches
-            for micro, (gen, (start, ustart)) in enumerate(zip(gens, starts)):
-                und = stream.und_batch(step, range(ustart, ustart + umb), device)
-                sync = ddp.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
+            for micro, (inputs, slots) in enumerate(micro_steps):
+                # ranks may hold different numbers of packs: each syncs gradients on its last one only
+                sync = ddp.no_sync() if world > 1 and micro < len(micro_steps) - 1 else nullcontext()
                 with sync, amp:
-                    loss, parts = ddp(gen, und)
-                    (loss / accum).backward()
+                    loss, parts = ddp(*inputs) if not t.tokens_per_rank else ddp(None, None, packed=inputs)
+                    (loss * scale).backward()
                 part = torch.stack([parts.lm, parts.rep, parts.fm, parts.aux if parts.aux is not None
                                     else parts.lm.new_zeros(())]).float().cpu()
-                sums += part / accum
+                sums += part * scale
                 if not torch.isfinite(part).all():
-                    bad_slots[start:start + mb] = 1
-                    bad_slots[t.batch_size + ustart:t.batch_size + ustart + umb] = 1
+                    bad_slots[slots] = 1
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             v = agree_on_step(sums, bad_slots, t.batch_size, gnorm, len(stream.fresh), world, device)
             if v.ok:

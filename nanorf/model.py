@@ -449,10 +449,15 @@ class RFModel(nn.Module):
         per_example = ce.sum(1) / (tgt >= 0).sum(1).clamp_min(1)
         return per_example.mean()
 
-    def forward(self, gen: GenBatch | None, und: UndBatch | None = None) -> tuple[torch.Tensor, LossParts]:
+    def forward(self, gen: GenBatch | None, und: UndBatch | None = None, packed=None) -> tuple[torch.Tensor, LossParts]:
         """One training micro-batch -> (L = L_LM + L_Rep + L_FM, the parts detached); either batch
         may be None (stage 1 trains on understanding alone). With a routed-MoE decoder L also holds
-        aux_loss_coef * L_aux over both passes' tokens (parts.aux)."""
+        aux_loss_coef * L_aux over both passes' tokens (parts.aux).
+        packed: instead of the two batches, (a packing.Pack, n_gen, n_und): one packed row's loss
+        (packing.packed_loss), through forward so DDP and FSDP see the call."""
+        if packed is not None:
+            from .packing import packed_loss  # packing builds on this module
+            return packed_loss(self, *packed)
         self._router_log = self.mot.router_log()
         try:
             zero = self.pix_head.weight.new_zeros(())

@@ -23,7 +23,7 @@ number of generation / understanding examples of the whole step on this rank (`n
 examples' order: deterministic, and padding only at the end of each row.
 
 Scope (our choice): the discrete RF model and the pixel-only baseline pack; Table 3's
-continuous and REPA variants train padded (`check_packable`).
+continuous and REPA variants train padded (`check_packing`).
 """
 
 from __future__ import annotations
@@ -35,17 +35,24 @@ import torch.nn.functional as F
 
 from .flow import add_noise, fm_loss
 from .layout import NO_TARGET, PAD_TOKEN, Layout, Token, gen_row, und_row
+from .config import ModelConfig
 from .model import GenBatch, LossParts, RFModel, UndBatch
 from .mot import PAD, attention_mask, attention_mask_mod, flex_attention
 from .patches import patchify
 
 
-def check_packable(model: RFModel) -> None:
-    """ValueError, in one line, for a model the packed path does not cover."""
-    cfg = model.cfg
+def check_packing(cfg: ModelConfig, budget: int) -> None:
+    """ValueError, in one line, for a model the packed path does not cover or a budget that cannot
+    hold the longest example at the config's size (a prompt or question of max_text_len bytes)."""
     if cfg.rf and cfg.rep_target != "discrete" or cfg.repa_weight:
         raise ValueError("--tokens-per-rank packs the RF model and --no-rf only; the continuous-target "
                          "and REPA variants (Table 3) train padded")
+    g = cfg.grids()
+    longest = max(1 + cfg.max_text_len + (1 + g.n_rep if cfg.rf else 0) + 1 + g.n_pix,   # gen_row
+                  4 + g.n_vit + 2 * cfg.max_text_len)                                    # und_row
+    if budget < longest:
+        raise ValueError(f"--tokens-per-rank {budget} cannot hold the longest example of this config "
+                         f"({longest} tokens at {cfg.image_size} px with {cfg.max_text_len}-token texts)")
 
 
 def first_fit(lengths: list[int], budget: int) -> list[list[int]]:

@@ -63,23 +63,27 @@ class RepresentationTargets(nn.Module):
         features together. train.py passes a step's micro-batches, so the batch softmax and the
         update see the step's whole batch whatever `--micro-batch-size` is (under DDP, with the
         VQ's all-reduces, the whole global batch). Returns one tensor per input batch, as forward."""
-        feats = [self.encoder.features(x) for x in images]                        # (B_i, N, D) each, unit norm
-        z = torch.cat(feats)                                                       # (B, N, D), B = sum B_i
-        B, N, D = z.shape
+        feats = [self.encoder.features(x) for x in images]                        # (B_i, N_i, D) each, unit norm
         if self.vq is None:
-            out = z * D ** 0.5
-        else:
-            out = self.vq(z.reshape(B * N, D), update=update).view(B, N)           # (B*N,) -> (B, N)
-            if update and self.training:
-                self.track_patches(torch.cat(images), out)
-        return list(out.split([len(x) for x in images]))
+            return [z * z.shape[-1] ** 0.5 for z in feats]
+        # batches may differ in size (packing: N_i = that size's rep grid), so the VQ sees the
+        # rows of all of them as one flat (sum B_i N_i, D) batch
+        flat = torch.cat([z.flatten(0, 1) for z in feats])
+        codes = self.vq(flat, update=update).split([z.shape[0] * z.shape[1] for z in feats])
+        out = [c.view(z.shape[0], z.shape[1]) for c, z in zip(codes, feats)]     # (B_i, N_i) each
+        if update and self.training:
+            self.track_patches(images, out)
+        return out
 
     @torch.no_grad()
-    def track_patches(self, images: torch.Tensor, codes: torch.Tensor):
-        """Move each used code's mean patch toward this (global) batch's mean under it."""
+    def track_patches(self, images, codes):
+        """Move each used code's mean patch toward this (global) batch's mean under it.
+        images (B, 3, H, W) and codes (B, N), or lists of such batches of different sizes."""
+        if isinstance(images, torch.Tensor):
+            images, codes = [images], [codes]
         s = self.cfg.image_size // self.cfg.rep_grid
-        tiles = patchify(images.float(), s).flatten(0, 1)                          # (B*N, s*s*3)
-        flat = codes.flatten()
+        tiles = torch.cat([patchify(x.float(), s).flatten(0, 1) for x in images])   # (sum B_i N_i, s*s*3)
+        flat = torch.cat([c.flatten() for c in codes])
         stats = torch.zeros(self.code_patches.shape[0], tiles.shape[1] + 1, device=tiles.device)
         stats[:, :-1].index_add_(0, flat, tiles)
         stats[:, -1].index_add_(0, flat, torch.ones_like(flat, dtype=stats.dtype))
