@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -148,7 +149,9 @@ def read_sharded(path) -> dict:
     flat = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.items()
             if isinstance(v, TensorStorageMetadata) and k.split(".", 1)[0] in PARTS}
     try:
-        dcp.load(flat, checkpoint_id=path, no_dist=True)
+        with warnings.catch_warnings():  # DCP warns that it assumes one process: that is the intent here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(flat, checkpoint_id=path, no_dist=True)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     ck = {**meta, "optimizer": None, "targets": None, "model": {}, "ema": {}}

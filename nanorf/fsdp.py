@@ -21,6 +21,8 @@ else on the sharded model. Sampling reads a checkpoint in one process (nanorf.dc
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -30,6 +32,9 @@ def shard_blocks(module: torch.nn.Module, blocks) -> None:
     """fully_shard each block, then the module as the root of the rest. reshard_after_forward:
     the root too frees its gathered weights after a forward, which the no_grad EMA encoder needs
     (no backward follows to free them) and costs the model one extra gather of a few tensors."""
+    # A MoT block also returns its (k, v), views of one projection, for the sampler's KV cache,
+    # which copies them; FSDP warns in case someone writes into a view in place, and nothing does.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPMoTBlock\) returned a view tensor")
     for blk in blocks:
         fully_shard(blk)
     fully_shard(module, reshard_after_forward=True)
