@@ -15,6 +15,10 @@ With `keep=K > 0` a save writes `ckpt-<step>.pt`, points `ckpt.pt` at it (a hard
 into place) and deletes all but the newest K numbered files, so `ckpt.pt` is always the latest
 and sample.py / nanorf.eval read it unchanged. A save refuses a model holding non-finite values,
 so a diverged run can never replace a good checkpoint.
+
+An FSDP run (train.py --fsdp) writes the same contents sharded, as a folder `ckpt.dcp`
+(nanorf/dcp.py). `load_checkpoint` and `load_model` read either format, or a run's out-dir, in
+one process.
 """
 
 from __future__ import annotations
