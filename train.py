@@ -20,12 +20,12 @@ gives the same result on any number of processes and resumes exactly from a chec
 that holds only weights, optimiser, codebook and the step.
 
 The step (in `train`, top to bottom): the EMA encoder + online VQ turn the clean images
-into target codes; forward and backward on every micro-batch (DDP, or FSDP's reduce-scatter,
-syncs gradients on the last one only); clip; every rank agrees whether the losses and the gradient norm are finite;
-if so, AdamW (0.9, 0.95, wd 0.1) with linear warmup then constant LR, then the target
-encoder's EMA and the sampling EMA of the whole model are updated; if not, the step is skipped
-and the codebook put back as it was. `train.max_bad_steps` skipped steps in a row end the run
-(RunStopped) without touching the last checkpoint.
+into target codes; forward and backward on every micro-batch (DDP's all-reduce or FSDP's
+reduce-scatter syncs gradients on the last one only); clip; every rank agrees whether the losses
+and the gradient norm are finite; if so, AdamW (0.9, 0.95, wd 0.1) with linear warmup then
+constant LR, then the target encoder's EMA and the sampling EMA of the whole model are updated;
+if not, the step is skipped and the codebook put back as it was. `train.max_bad_steps` skipped
+steps in a row end the run (RunStopped) without touching the last checkpoint.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanorf.checkpoint import (CheckpointError, check_model_config, load_checkpoint, load_model, load_vit_weights,
                                remove_stale_temps)
-from nanorf.dcp import is_sharded, load_sharded, read_meta, save_sharded
-from nanorf.fsdp import clip_grad_norm
 from nanorf.config import PRESETS, Config, apply_overrides, get_config
 from nanorf.data import DataError, ImageCaptionFolder
+from nanorf.dcp import is_sharded, load_sharded, read_meta, save_sharded
+from nanorf.fsdp import clip_grad_norm, shard_encoder, shard_model
 from nanorf.guard import RunStopped, agree_on_step, check_bad_fraction, save, share_bad_items
 from nanorf.model import RFModel, validate
 from nanorf.runlog import RunLog, step_record
@@ -148,7 +148,8 @@ def build_config(args) -> Config:
 class ModelEMA:
     """Exponential moving average of the model's weights, used for sampling (docs/method.md,
     "Sampling"). The decay ramps up as min(decay, (1 + step) / (10 + step)) so short runs are
-    not dominated by the random initialisation."""
+    not dominated by the random initialisation. Under --fsdp the copy is sharded as the model is
+    (nanorf/fsdp.py) and each rank averages its own shard: the same code, on DTensors."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -237,7 +238,6 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
         for blk in list(model.mot.blocks) + list(model.vit.blocks):
             blk.compile(dynamic=True)  # before fully_shard, so FSDP's hooks stay outside the compiled blocks
     if fsdp:  # the EMA and the EMA encoder were copied whole above and are sharded as the model (nanorf/fsdp.py)
-        from nanorf.fsdp import shard_encoder, shard_model
         shard_model(model)
         shard_model(ema.model)
         if targets is not None:
