@@ -5,6 +5,7 @@
     python sample.py --ckpt out/toy/ckpt.pt --prompts-file prompts.txt --grid grid.png
     python sample.py --ckpt out/toy/ckpt.pt --prompt "a red circle" --size 48x64 --out wide.png   # H x W
     python sample.py --ckpt out/toy/ckpt.pt --image red.png --question "what color is the circle?"
+    python sample.py --ckpt out/run/ --prompt "two blue squares" --out b.png   # an --fsdp run's ckpt.dcp too
 
 Images are written at the model's native resolution; `--rep-map` also writes the sampled
 plan beside each image (NAME.rep.png): each representation token drawn as the mean image
@@ -26,7 +27,8 @@ import torch
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample from a nanorf checkpoint.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (e.g. out/toy/ckpt.pt)")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py: out/toy/ckpt.pt, an --fsdp run's ckpt.dcp "
+                        "folder, or the run's out-dir (its newest)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one text prompt to turn into an image")
     src.add_argument("--prompts-file", help="text file, one prompt per line")

@@ -8,6 +8,7 @@
     python train.py --config toy --continuous-rep     # continuous rep targets (Table 3c)
     python train.py --config toy --data my_folder/    # images + captions.jsonl
     torchrun --nproc_per_node 2 train.py --config toy # DDP: gloo on CPU, nccl on GPU
+    torchrun --nproc_per_node 2 train.py --config toy --fsdp   # FSDP2, sharded checkpoints ckpt.dcp/
     python train.py --config toy --out-dir out/x --resume
     torchrun --max-restarts 3 ... train.py ... --resume auto --keep 3   # long runs (README, "Long runs")
 
@@ -21,12 +22,13 @@ that holds only weights, optimiser, codebook and the step.
 
 The step (in `train`, top to bottom): the EMA encoder + online VQ turn the clean images of the
 step's global batch into target codes (one assignment and one codebook update per step);
-forward and backward on every micro-batch (DDP syncs gradients on the last one only); clip;
-every rank agrees whether the losses and the gradient norm are finite; if so, AdamW
-(0.9, 0.95, wd 0.1) with linear warmup then constant LR, then the target encoder's EMA and the
-sampling EMA of the whole model are updated; if not, the step is skipped and the codebook put
-back as it was. `train.max_bad_steps` skipped steps in a row end the run
-(RunStopped) without touching the last checkpoint.
+forward and backward on every micro-batch or packed row (DDP's all-reduce or FSDP's
+reduce-scatter syncs gradients on the last one only); clip; every rank agrees whether the
+losses and the gradient norm are finite; if so, AdamW (0.9, 0.95, wd 0.1) with linear warmup
+then constant LR, then the target encoder's EMA and the sampling EMA of the whole model are
+updated; if not, the step is skipped and the codebook put back as it was.
+`train.max_bad_steps` skipped steps in a row end the run (RunStopped) without touching the
+last checkpoint.
 """
 
 from __future__ import annotations
@@ -45,9 +47,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanorf.checkpoint import CheckpointError, check_model_config, load_checkpoint, load_vit_weights, remove_stale_temps
+from nanorf.checkpoint import (CheckpointError, check_model_config, load_checkpoint, load_model, load_vit_weights,
+                               remove_stale_temps)
 from nanorf.config import PRESETS, Config, apply_overrides, get_config
 from nanorf.data import DataError, ImageCaptionFolder
+from nanorf.dcp import is_sharded, load_sharded, read_meta, save_sharded
+from nanorf.fsdp import clip_grad_norm, shard_encoder, shard_model
 from nanorf.guard import RunStopped, agree_on_step, check_bad_fraction, save, share_bad_items
 from nanorf.model import RFModel, validate
 from nanorf.packing import check_packing, first_fit, gen_doc, stack, und_doc
@@ -87,7 +92,7 @@ def parse_args(argv=None):
                    help="the paper's stages: 1 = only the connector trains, on understanding data "
                         "(--freeze vit,llm,gen, no generation examples); 2 and 3 train everything")
     p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
-                   help="continue from <out-dir>/ckpt.pt exactly (an error if there is none); "
+                   help="continue from <out-dir>/ckpt.pt (ckpt.dcp with --fsdp) exactly (an error if there is none); "
                         "--resume auto: continue if it exists, else start fresh (for torchrun --max-restarts)")
     p.add_argument("--keep", type=int, default=None, metavar="K",
                    help="also keep the last K checkpoints as <out-dir>/ckpt-<step>.pt (ckpt.pt is always "
@@ -104,6 +109,9 @@ def parse_args(argv=None):
                    help="BAGEL's MoT variant: separate q/k/v/o and norms per modality")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (MoT and ViT); sequence assembly stays eager")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimiser state over the ranks (FSDP2, "
+                        "per block); checkpoints become <out-dir>/ckpt.dcp, a folder sample.py reads")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--eval-per-kind", type=int, default=None,
                    help="held-out prompts per prompt kind scored at the end, and twice as many images "
@@ -128,6 +136,8 @@ def build_config(args) -> Config:
             setattr(t, name, value)
     if args.compile:
         t.compile = True
+    if args.fsdp:
+        t.fsdp = True
     if args.no_rf:
         m.rf = False
     if args.repa:
@@ -149,7 +159,8 @@ def build_config(args) -> Config:
 class ModelEMA:
     """Exponential moving average of the model's weights, used for sampling (docs/method.md,
     "Sampling"). The decay ramps up as min(decay, (1 + step) / (10 + step)) so short runs are
-    not dominated by the random initialisation."""
+    not dominated by the random initialisation. Under --fsdp the copy is sharded as the model is
+    (nanorf/fsdp.py) and each rank averages its own shard: the same code, on DTensors."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -167,14 +178,14 @@ def lr_at(step: int, t) -> float:
     return t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))
 
 
-def setup_distributed(device_arg):
+def setup_distributed(device_arg, fsdp: bool = False):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and device_arg != "cpu"
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1:
+    if world > 1 or fsdp:  # FSDP needs a process group even on one rank (torchrun --nproc_per_node 1)
         dist.init_process_group("nccl" if cuda else "gloo")
         if (rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
                 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
@@ -197,6 +208,12 @@ def packed_micro_steps(model: RFModel, gens, unds, gen_slot: int, und_slot: int,
             for idx in first_fit([len(d.tokens) for d in docs], budget)]
 
 
+def checkpoint_path(out_dir: Path, fsdp: bool) -> Path:
+    """Where a run keeps its latest checkpoint: ckpt.pt, or under --fsdp the link ckpt.dcp to
+    the newest sharded folder (nanorf/dcp.py)."""
+    return Path(out_dir) / ("ckpt.dcp" if fsdp else "ckpt.pt")
+
+
 def micro_batch_sizes(t, world: int) -> tuple[int, int, int]:
     """(gradient-accumulation steps, generation and understanding examples per rank per micro-step).
     batch_size 0 trains on understanding only (stage 1), in one micro-step."""
@@ -213,17 +230,18 @@ def micro_batch_sizes(t, world: int) -> tuple[int, int, int]:
 
 
 def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) -> dict:
-    rank, world, device = setup_distributed(device_arg)
-    master = rank == 0
     t = cfg.train
+    fsdp = t.fsdp
+    rank, world, device = setup_distributed(device_arg, fsdp)
+    master = rank == 0
     accum, mb, umb = micro_batch_sizes(t, world)
-    ckpt_path = out_dir / "ckpt.pt"
+    ckpt_path = checkpoint_path(out_dir, fsdp)
 
     # the model, the target maker (EMA encoder + codebook), the sampling EMA, the optimiser;
     # a fresh run starts from random or pretrained weights (nanorf/stages.py), a resumed one from its own
     torch.manual_seed(t.seed)
     if resume:
-        ck = load_checkpoint(ckpt_path)
+        ck = read_meta(ckpt_path) if fsdp else load_checkpoint(ckpt_path)  # FSDP: config and step; shards below
         if t.init_llm or t.init_vit:  # the model's shape came from those checkpoints when the run started
             cfg.model = Config.from_dict(ck["config"]).model
         check_model_config(ck, cfg, ckpt_path)
@@ -237,9 +255,21 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
         load_weights_from(model, targets, t.init_from)
     freeze(model, t.freeze)
     ema = ModelEMA(model, t.ema_decay)
-    opt = model.configure_optimizer(t)
+    if t.compile:  # blocks, not the whole forward: sequence assembly is Python lists and would break graphs
+        for blk in list(model.mot.blocks) + list(model.vit.blocks):
+            blk.compile(dynamic=True)  # before fully_shard, so FSDP's hooks stay outside the compiled blocks
+    if fsdp:  # the EMA and the EMA encoder were copied whole above and are sharded as the model (nanorf/fsdp.py)
+        shard_model(model)
+        shard_model(ema.model)
+        if targets is not None:
+            shard_encoder(targets.encoder.encoder)
+    opt = model.configure_optimizer(t)  # after sharding: it holds the sharded parameters
     step = 0
-    if resume:
+    if resume and fsdp:
+        step = load_sharded(ckpt_path, model, ema.model, opt, targets)
+        if master:
+            log(f"resumed from {ckpt_path} at step {step}")
+    elif resume:
         model.load_state_dict(ck["model"])
         ema.model.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
@@ -249,10 +279,8 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
         if master:
             log(f"resumed from {ckpt_path} at step {step}")
     stream = Stream(cfg, model)
-    ddp = DDP(model) if world > 1 else model
-    if t.compile:  # blocks, not the whole forward: sequence assembly is Python lists and would break graphs
-        for blk in list(model.mot.blocks) + list(model.vit.blocks):
-            blk.compile(dynamic=True)
+    ddp = DDP(model) if world > 1 and not fsdp else model
+    write = save_sharded if fsdp else save  # every rank calls it; nanorf/dcp.py, nanorf/guard.py
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     stop = {"flag": False}  # Ctrl-C finishes the step, saves and exits
@@ -308,8 +336,10 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
             sums = torch.zeros(4)  # lm, rep, fm, aux (MoE only) of this rank's share of the batch
             bad_slots = torch.zeros(t.batch_size + t.und_batch_size)  # examples of non-finite micro-batches
             for micro, (inputs, slots) in enumerate(micro_steps):
-                # ranks may hold different numbers of packs: each syncs gradients on its last one only
-                sync = ddp.no_sync() if world > 1 and micro < len(micro_steps) - 1 else nullcontext()
+                last = micro == len(micro_steps) - 1  # ranks may hold different numbers of packs
+                if fsdp:  # FSDP's no_sync: gradients stay unsharded, reduce-scattered on the last micro-step
+                    model.set_requires_gradient_sync(last)
+                sync = ddp.no_sync() if world > 1 and not fsdp and not last else nullcontext()
                 with sync, amp:
                     loss, parts = ddp(*inputs) if not t.tokens_per_rank else ddp(None, None, packed=inputs)
                     (loss * scale).backward()
@@ -318,7 +348,8 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
                 sums += part * scale
                 if not torch.isfinite(part).all():
                     bad_slots[slots] = 1
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            gnorm = (clip_grad_norm(model.parameters(), t.grad_clip) if fsdp  # the norm over all shards
+                     else torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
             v = agree_on_step(sums, bad_slots, t.batch_size, gnorm, len(stream.fresh), world, device)
             if v.ok:
                 opt.step()
@@ -345,23 +376,27 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
                                  f"{bad_run[0]}-{bad_run[-1]}, last: {', '.join(v.bad)}); stopped without saving, "
                                  f"{ckpt_path} left as it was")
             if v.ok and t.ckpt_every and step % t.ckpt_every == 0:
-                save(ckpt_path, cfg, step, model, ema, opt, targets, world, master)
+                write(ckpt_path, cfg, step, model, ema, opt, targets, world, master)
                 saved = step
 
         if saved != step:
-            save(ckpt_path, cfg, step, model, ema, opt, targets, world, master)
+            write(ckpt_path, cfg, step, model, ema, opt, targets, world, master)
         if master and stop["flag"]:
             log(f"interrupted: saved {ckpt_path} at step {step}")
-        if world > 1:
+        if world > 1 or fsdp:
             dist.barrier()
+        # the sampling EMA whole, for the end-of-run report: read back from the checkpoint just
+        # written, in rank 0 alone, as sample.py would (no rank ever holds the full EMA otherwise)
+        report = master and t.eval_per_kind > 0 and not t.data  # final_report's condition
+        ema_model = (load_model(ckpt_path)[0].to(device) if report else None) if fsdp else ema.model
     finally:  # also when the run stops on an error, which every rank reaches at the same step
         if master:
             runlog.close()
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
-    return {"model": model, "ema": ema.model, "step": step, "last": last, "interrupted": stop["flag"],
+    return {"model": model, "ema": ema_model, "step": step, "last": last, "interrupted": stop["flag"],
             "master": master, "seconds": time.time() - t0}
 
 
@@ -389,7 +424,7 @@ def final_report(cfg: Config, out_dir: Path, ema_model: RFModel, log=print) -> d
         + ", ".join(f"{key} {v:.3f}" for key, v in und.items() if not key.startswith("n_"))
         + f" (EMA model, {time.time() - t0:.0f}s)")
     log(f"wrote {out_dir / 'samples.png'} (prompts in samples.txt), {out_dir / 'score.json'}, "
-        f"{out_dir / 'ckpt.pt'}, {out_dir / 'log.jsonl'}")
+        f"{checkpoint_path(out_dir, cfg.train.fsdp)}, {out_dir / 'log.jsonl'}")
     return score
 
 
@@ -402,15 +437,24 @@ def main(argv=None):
         out_dir = Path(args.out_dir or f"out/{cfg.name}")
         if cfg.train.keep < 0 or cfg.train.max_bad_steps < 1 or not 0 <= cfg.train.max_bad_fraction <= 1:
             raise ValueError("need --keep >= 0, train.max_bad_steps >= 1 and 0 <= train.max_bad_fraction <= 1")
-        resume = (out_dir / "ckpt.pt").exists() if args.resume == "auto" else args.resume
+        fsdp = cfg.train.fsdp
+        if fsdp and "MASTER_ADDR" not in os.environ:
+            raise ValueError("--fsdp shards over a process group: run it under torchrun "
+                             "(torchrun --nproc_per_node N train.py --fsdp ...)")
+        ckpt, other = checkpoint_path(out_dir, fsdp), checkpoint_path(out_dir, not fsdp)
+        found = is_sharded(ckpt) if fsdp else ckpt.is_file()
+        if args.resume and not found and (other.is_file() or is_sharded(other)):
+            raise CheckpointError(f"--resume: no checkpoint at {ckpt}; {other} was written "
+                                  f"{'without' if fsdp else 'with'} --fsdp, so resume it {'without' if fsdp else 'with'} it")
+        resume = found if args.resume == "auto" else args.resume
         if args.resume is True and not resume:
-            raise CheckpointError(f"--resume: no checkpoint at {out_dir / 'ckpt.pt'}")
+            raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
         if cfg.train.data:
             ImageCaptionFolder(cfg.train.data, cfg.model.image_size)  # fail early on a bad folder
         if cfg.train.vit_init:
             load_vit_weights(cfg.train.vit_init, cfg.model.vit)  # fail early on a bad file
         if args.resume == "auto" and not resume and int(os.environ.get("RANK", "0")) == 0:
-            print(f"--resume auto: no checkpoint at {out_dir / 'ckpt.pt'} yet, starting fresh")
+            print(f"--resume auto: no checkpoint at {ckpt} yet, starting fresh")
         res = train(cfg, out_dir, resume, args.device)
     except (CheckpointError, DataError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)

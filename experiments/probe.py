@@ -120,7 +120,7 @@ def probe(model, targets: RepresentationTargets | None, n: int = 64, seed: int =
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Which half of RF falls short: the rep-token plan or the pixels.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (ckpt.pt, ckpt.dcp, or the run's out-dir)")
     p.add_argument("--n", type=int, default=64, help="held-out prompts (and their real renders) to use")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--json", help="also write the results to this JSON file")

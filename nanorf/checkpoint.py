@@ -15,6 +15,10 @@ With `keep=K > 0` a save writes `ckpt-<step>.pt`, points `ckpt.pt` at it (a hard
 into place) and deletes all but the newest K numbered files, so `ckpt.pt` is always the latest
 and sample.py / nanorf.eval read it unchanged. A save refuses a model holding non-finite values,
 so a diverged run can never replace a good checkpoint.
+
+An FSDP run (train.py --fsdp) writes the same contents sharded, as a folder `ckpt.dcp`
+(nanorf/dcp.py). `load_checkpoint` and `load_model` read either format, or a run's out-dir, in
+one process.
 """
 
 from __future__ import annotations
@@ -79,9 +83,12 @@ def remove_stale_temps(folder) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = sorted(p for p in folder.iterdir() if p.is_file() and TEMP_MARK in p.name)
-    for p in stale:
-        p.unlink(missing_ok=True)
+    stale = sorted(p for p in folder.iterdir() if TEMP_MARK in p.name)
+    for p in stale:  # files, and the folders and links of a sharded save (nanorf.dcp)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return [p.name for p in stale]
 
 
@@ -165,12 +172,33 @@ def _diff(a, b, prefix=""):
     return out
 
 
-def load_checkpoint(path, expect: Config | None = None) -> dict:
-    """Load a checkpoint on CPU. With `expect`, its model config must match exactly
-    (the training fields may differ, e.g. a longer max_steps on resume)."""
+def resolve_checkpoint(path) -> Path:
+    """The checkpoint a path names: a ckpt.pt file, a sharded checkpoint folder (nanorf.dcp), or a
+    run's out-dir, which means its ckpt.pt or ckpt.dcp (the newer if it holds both)."""
+    from .dcp import is_sharded
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
+    if path.is_file() or is_sharded(path):
+        return path
+    if path.is_dir():
+        found = [p for p in (path / "ckpt.pt", path / "ckpt.dcp") if p.is_file() or is_sharded(p)]
+        if not found:
+            raise CheckpointError(f"no checkpoint in {path} (neither ckpt.pt nor ckpt.dcp)")
+        return max(found, key=lambda p: p.stat().st_mtime)
+    raise CheckpointError(f"no checkpoint at {path}")
+
+
+def load_checkpoint(path, expect: Config | None = None) -> dict:
+    """Load a checkpoint on CPU, in this process: a ckpt.pt, a sharded checkpoint folder of an
+    FSDP run (read whole, without its optimiser; nanorf.dcp), or a run's out-dir. With `expect`,
+    its model config must match exactly (the training fields may differ, e.g. a longer max_steps
+    on resume)."""
+    path = resolve_checkpoint(path)
+    if path.is_dir():
+        from .dcp import read_sharded
+        ck = read_sharded(path)
+        if expect is not None:
+            check_model_config(ck, expect, path)
+        return ck
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file

@@ -236,6 +236,7 @@ class TrainConfig:
     eval_per_kind: int = 50        # held-out prompts per prompt kind scored at the end (0 = skip)
     seed: int = 0
     compile: bool = False
+    fsdp: bool = False             # shard weights, gradients, optimiser state (FSDP2); checkpoints as ckpt.dcp/
     data: str = ""                 # "" = the shapes world; else an image-caption folder
     vit_init: str = ""             # "" = random ViT; else weights from experiments.pretrain_vit (the toy's stand-in)
     # where the weights start and what trains (nanorf/stages.py; the paper's stages)

@@ -211,7 +211,7 @@ def understanding_score(model, n_images: int = 100, seed: int = 4321, batch_size
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m nanorf.eval",
                                 description="Score a nanorf checkpoint on held-out shapes-world prompts and images.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (ckpt.pt, ckpt.dcp, or the run's out-dir)")
     p.add_argument("--n-per-kind", type=int, default=50, help="held-out prompts per prompt kind (default 50)")
     p.add_argument("--n-images", type=int, default=100, help="held-out images for understanding (default 100)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
