@@ -114,13 +114,13 @@ def runs(tmp_path_factory):
         train.main([*TINY, *data, "--max-steps", "1", "--out-dir", str(base)])
         d = {"base": base, "base_bytes": (base / "ckpt.pt").read_bytes()}
         for name, who in [("resume", "ref"), ("resume", "rank0"), ("resume", "rank1"),
-                          ("accum", "rank0"), ("accum", "rank1")]:
+                          ("accum", "rank0"), ("accum", "rank1"), ("packed", "rank0"), ("packed", "rank1")]:
             (tmp / name / who).mkdir(parents=True)
             shutil.copy(base / "ckpt.pt", tmp / name / who / "ckpt.pt")
             shutil.copy(base / "log.jsonl", tmp / name / who / "log.jsonl")
-        for name in ("resume", "accum", "fresh", "shapes", "variants"):
+        for name in ("resume", "accum", "fresh", "shapes", "variants", "packed"):
             d[name] = tmp / name
-        ports = free_ports(5)
+        ports = free_ports(6)
         variants = [*data, "--continuous-rep", "--repa", "--max-steps", "2"]
         scenarios = [
             {"port": ports[0], "argv": ranked_argv([*data, "--resume", "--max-steps", "3"],
@@ -133,6 +133,9 @@ def runs(tmp_path_factory):
             {"port": ports[3], "argv": ranked_argv(["--max-steps", "1", "--eval-per-kind", "2"],
                                                    [d["shapes"] / "rank0", d["shapes"] / "rank1"])},
             {"port": ports[4], "argv": ranked_argv(variants, [d["variants"] / "rank0", d["variants"] / "rank1"])},
+            # packed rows (nanorf/packing.py): each rank's 4 + 2 examples in rows of 400 tokens
+            {"port": ports[5], "argv": ranked_argv([*data, "--resume", "--max-steps", "3", "--tokens-per-rank", "400"],
+                                                   [d["packed"] / "rank0", d["packed"] / "rank1"])},
         ]
         procs = start_ranks(tmp, scenarios)
         try:
@@ -178,6 +181,16 @@ def test_ddp_matches_single_process(runs):
 
 def test_ddp_gradient_accumulation_matches_single_process(runs):
     ref, ddp = runs["resume"] / "ref", runs["accum"] / "rank0"
+    assert_same_training(ref, ddp, 3)
+    for a, b in zip(read_log(ref)[1:], read_log(ddp)[1:]):
+        assert a["codes_used"] == b["codes_used"]
+        for k in ("lm", "rep", "fm"):
+            assert a[k] == pytest.approx(b[k], abs=2e-4), (k, a, b)
+
+
+def test_ddp_with_packing_matches_single_process(runs):
+    """2 ranks packing their examples into rows against one process with one padded batch."""
+    ref, ddp = runs["resume"] / "ref", runs["packed"] / "rank0"
     assert_same_training(ref, ddp, 3)
     for a, b in zip(read_log(ref)[1:], read_log(ddp)[1:]):
         assert a["codes_used"] == b["codes_used"]

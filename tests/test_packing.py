@@ -141,3 +141,54 @@ def test_flex_mask_mod_equals_the_dense_mask(tiny_model):
         a = model.mot(x, lay.modality, lay.pos, p.mask())
         b = model.mot(x, lay.modality, lay.pos, bm)
     assert torch.allclose(a[lay.valid], b[lay.valid], atol=1e-5)
+
+
+def _mixed_folder(root, sizes):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        lines.append(json.dumps({"file": f"{i}.png", "text": f"noise {i}"}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_train_packed_equals_padded_and_runs_mixed_sizes(tmp_path, single_thread):
+    """One process: --tokens-per-rank logs the padded run's losses on square data; on a folder of
+    mixed aspect ratios it trains with every image at its own size, and the checkpoint then
+    samples at a non-square size."""
+    import train
+    from conftest import TINY_ARGS, read_log
+    from nanorf.checkpoint import load_model
+    from nanorf.sampler import text_to_image
+    common = [*TINY_ARGS, "--set", "train.log_every=1", "--set", "train.warmup_steps=0", "--max-steps", "2"]
+    train.main([*common, "--out-dir", str(tmp_path / "pad")])
+    train.main([*common, "--out-dir", str(tmp_path / "pack"), "--tokens-per-rank", "400"])
+    for a, b in zip(read_log(tmp_path / "pad"), read_log(tmp_path / "pack")):
+        for k in ("lm", "rep", "fm"):
+            assert a[k] == pytest.approx(b[k], abs=1e-4), (k, a, b)
+    folder = _mixed_folder(tmp_path / "mixed", [(32, 64), (64, 32), (40, 40), (32, 32), (20, 90), (90, 20)])
+    train.main([*common, "--data", str(folder), "--out-dir", str(tmp_path / "mixed_run"), "--tokens-per-rank", "400"])
+    log = read_log(tmp_path / "mixed_run")
+    assert len(log) == 2 and all(r["fm"] > 0 for r in log)
+    model, _, _ = load_model(tmp_path / "mixed_run" / "ckpt.pt")
+    images, _ = text_to_image(model, ["noise 1"], steps=2, size=(24, 40))
+    assert images.shape == (1, 3, 24, 40)
+
+
+def test_tokens_per_rank_errors_are_one_line(tmp_path, capsys):
+    import train
+    from conftest import TINY_ARGS
+    for extra, msg in ((["--tokens-per-rank", "50"], "cannot hold the longest example"),
+                       (["--tokens-per-rank", "400", "--repa"], "train padded")):
+        with pytest.raises(SystemExit) as e:
+            train.main([*TINY_ARGS, "--out-dir", str(tmp_path / "x"), *extra])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0]
+    assert not (tmp_path / "x").exists()
