@@ -55,7 +55,7 @@ from nanorf.dcp import is_sharded, load_sharded, read_meta, save_sharded
 from nanorf.fsdp import clip_grad_norm, shard_encoder, shard_model
 from nanorf.guard import RunStopped, agree_on_step, check_bad_fraction, save, share_bad_items
 from nanorf.model import RFModel, validate
-from nanorf.packing import check_packing, first_fit, gen_doc, stack, und_doc
+from nanorf.packing import check_packing, first_fit, gen_doc, split_to, stack, und_doc
 from nanorf.runlog import RunLog, step_record
 from nanorf.stages import apply_stage, freeze, initial_model, load_weights_from, parse_freeze
 from nanorf.stream import Stream
@@ -198,20 +198,48 @@ def setup_distributed(device_arg, fsdp: bool = False):
     return rank, world, device
 
 
-def packed_micro_steps(model: RFModel, gens, unds, gen_slot: int, und_slot: int, budget: int):
+def packed_micro_steps(model: RFModel, gens, unds, gen_slot: int, und_slot: int, budget: int,
+                       same_count: bool = False, device=None):
     """This rank's examples as packed rows of `budget` tokens (nanorf/packing.py), one per forward:
     [((Pack, n_gen, n_und), the examples' slots in the step's global batch)]. Each pack's loss is
-    its examples' share of the rank's means, so the packs' losses add up to the padded step's."""
+    its examples' share of the rank's means, so the packs' losses add up to the padded step's.
+    same_count (FSDP, whose every forward is collective): all ranks agree on the largest number of
+    rows and the others split theirs to match."""
     docs = [gen_doc(model, b) for b in gens] + [und_doc(model, b) for b in unds]
     slots = list(range(gen_slot, gen_slot + len(gens))) + list(range(und_slot, und_slot + len(unds)))
-    return [((stack([docs[i] for i in idx]), len(gens), len(unds)), [slots[i] for i in idx])
-            for idx in first_fit([len(d.tokens) for d in docs], budget)]
+    groups = first_fit([len(d.tokens) for d in docs], budget)
+    if same_count:
+        n = torch.tensor([len(groups)], device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        groups = split_to(groups, int(n))
+    return [((stack([docs[i] for i in idx]), len(gens), len(unds)), [slots[i] for i in idx]) for idx in groups]
 
 
 def checkpoint_path(out_dir: Path, fsdp: bool) -> Path:
     """Where a run keeps its latest checkpoint: ckpt.pt, or under --fsdp the link ckpt.dcp to
     the newest sharded folder (nanorf/dcp.py)."""
     return Path(out_dir) / ("ckpt.dcp" if fsdp else "ckpt.pt")
+
+
+def average_gradients(model: torch.nn.Module, world: int, bucket: int = 1 << 24) -> None:
+    """DDP's gradient average, by hand: every trainable parameter's gradient (zeros where this
+    rank's rows did not touch it) all-reduced in flat buckets of about `bucket` elements."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    i = 0
+    while i < len(params):
+        j, n = i, 0
+        while j < len(params) and (n == 0 or n + params[j].numel() <= bucket):
+            n += params[j].numel()
+            j += 1
+        flat = torch.cat([p.grad.reshape(-1) for p in params[i:j]])                # (n,)
+        dist.all_reduce(flat)
+        flat /= world
+        for p, g in zip(params[i:j], flat.split([p.numel() for p in params[i:j]])):
+            p.grad.copy_(g.view_as(p))
+        i = j
 
 
 def micro_batch_sizes(t, world: int) -> tuple[int, int, int]:
@@ -259,8 +287,8 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
         for blk in list(model.mot.blocks) + list(model.vit.blocks):
             blk.compile(dynamic=True)  # before fully_shard, so FSDP's hooks stay outside the compiled blocks
     if fsdp:  # the EMA and the EMA encoder were copied whole above and are sharded as the model (nanorf/fsdp.py)
-        shard_model(model)
-        shard_model(ema.model)
+        shard_model(model, vit_blocks=not t.tokens_per_rank)
+        shard_model(ema.model, vit_blocks=not t.tokens_per_rank)
         if targets is not None:
             shard_encoder(targets.encoder.encoder)
     opt = model.configure_optimizer(t)  # after sharding: it holds the sharded parameters
@@ -279,7 +307,11 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
         if master:
             log(f"resumed from {ckpt_path} at step {step}")
     stream = Stream(cfg, model)
-    ddp = DDP(model) if world > 1 and not fsdp else model
+    # packed rows differ per rank in number and in which parameters they touch (a row of
+    # understanding documents leaves the pixel side unused), which DDP's per-backward hooks cannot
+    # follow: a packed DDP step averages its gradients once, by hand, after the last row
+    hand_sync = world > 1 and not fsdp and t.tokens_per_rank > 0
+    ddp = DDP(model) if world > 1 and not fsdp and not hand_sync else model
     write = save_sharded if fsdp else save  # every rank calls it; nanorf/dcp.py, nanorf/guard.py
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
@@ -327,7 +359,8 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
             if t.tokens_per_rank:  # the rank's share as packed rows: (inputs, example slots) per forward
                 unds = stream.und_examples(step, range(rank * ushare, (rank + 1) * ushare), device)
                 micro_steps, scale = packed_micro_steps(model, gens, unds, rank * share, t.batch_size + rank * ushare,
-                                                        t.tokens_per_rank), 1.0
+                                                        t.tokens_per_rank, same_count=fsdp and world > 1,
+                                                        device=device), 1.0
             else:
                 micro_steps = [((gen, stream.und_batch(step, range(u, u + umb), device)),
                                 list(range(g, g + mb)) + list(range(t.batch_size + u, t.batch_size + u + umb)))
@@ -339,7 +372,7 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
                 last = micro == len(micro_steps) - 1  # ranks may hold different numbers of packs
                 if fsdp:  # FSDP's no_sync: gradients stay unsharded, reduce-scattered on the last micro-step
                     model.set_requires_gradient_sync(last)
-                sync = ddp.no_sync() if world > 1 and not fsdp and not last else nullcontext()
+                sync = ddp.no_sync() if world > 1 and not fsdp and not hand_sync and not last else nullcontext()
                 with sync, amp:
                     loss, parts = ddp(*inputs) if not t.tokens_per_rank else ddp(None, None, packed=inputs)
                     (loss * scale).backward()
@@ -348,6 +381,8 @@ def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) 
                 sums += part * scale
                 if not torch.isfinite(part).all():
                     bad_slots[slots] = 1
+            if hand_sync:
+                average_gradients(model, world)
             gnorm = (clip_grad_norm(model.parameters(), t.grad_clip) if fsdp  # the norm over all shards
                      else torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
             v = agree_on_step(sums, bad_slots, t.batch_size, gnorm, len(stream.fresh), world, device)

@@ -40,9 +40,12 @@ def shard_blocks(module: torch.nn.Module, blocks) -> None:
     fully_shard(module, reshard_after_forward=True)
 
 
-def shard_model(model) -> None:
-    """Shard an RFModel (or its EMA copy) in place: MoT blocks, ViT blocks, then the root."""
-    shard_blocks(model, list(model.mot.blocks) + list(model.vit.blocks))
+def shard_model(model, vit_blocks: bool = True) -> None:
+    """Shard an RFModel (or its EMA copy) in place: MoT blocks, ViT blocks, then the root.
+    vit_blocks=False leaves the ViT in the root's unit, gathered once per forward: packed rows
+    (train.py --tokens-per-rank) run the ViT once per image size of their understanding documents,
+    a count that differs between ranks, and a per-block all-gather must happen on every rank."""
+    shard_blocks(model, list(model.mot.blocks) + (list(model.vit.blocks) if vit_blocks else []))
 
 
 def shard_encoder(vit) -> None:

@@ -72,6 +72,20 @@ def first_fit(lengths: list[int], budget: int) -> list[list[int]]:
     return packs
 
 
+def split_to(packs: list[list[int]], n: int) -> list[list[int]]:
+    """The same examples in exactly n packs (n <= number of examples), by halving the fullest pack
+    until there are n: under FSDP every forward gathers weights collectively, so all ranks must
+    run the same number of rows (train.py agrees on the largest count). Halves keep the order."""
+    packs = [list(p) for p in packs]
+    if n > sum(len(p) for p in packs):
+        raise ValueError(f"cannot make {n} packs of {sum(len(p) for p in packs)} examples")
+    while len(packs) < n:
+        i = max(range(len(packs)), key=lambda k: len(packs[k]))
+        p = packs[i]
+        packs[i:i + 1] = [p[:len(p) // 2], p[len(p) // 2:]]
+    return packs
+
+
 @dataclass
 class Doc:
     """One example in a pack: a generation example (gen, a GenBatch of one) or an understanding

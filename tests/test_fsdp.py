@@ -57,15 +57,17 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     data = ["--data", str(noise_folder(tmp / "data")), "--set", "train.warmup_steps=1"]
     variants = [*data, "--micro-batch-size", "2", "--continuous-rep", "--repa", "--max-steps", "2"]
-    d = {name: tmp / name for name in ("resumed", "full", "accum", "ref", "ref_accum")}
+    d = {name: tmp / name for name in ("resumed", "full", "accum", "ref", "ref_accum", "packed")}
     both = lambda args, out: [[*TINY, *args, "--fsdp", "--out-dir", str(out)]] * 2  # noqa: E731
-    ports = free_ports(4)
+    ports = free_ports(5)
     scenarios = [
         {"port": ports[0], "argv": both([*data, "--max-steps", "2"], d["resumed"])},
         {"port": ports[1], "argv": both([*data, "--resume", "--max-steps", "4"], d["resumed"])},
         {"port": ports[2], "argv": both([*data, "--max-steps", "4", "--set", "train.ckpt_every=1", "--keep", "2"],
                                         d["full"])},
         {"port": ports[3], "argv": both(variants, d["accum"])},
+        # packed rows (nanorf/packing.py) under FSDP: rows of 400 tokens, as many as each rank needs
+        {"port": ports[4], "argv": both([*data, "--max-steps", "4", "--tokens-per-rank", "400"], d["packed"])},
     ]
     try:
         procs = start_ranks(tmp, scenarios)
@@ -102,6 +104,14 @@ def test_fsdp_matches_single_process(runs):
             assert a[k] == pytest.approx(b[k], abs=2e-4), (k, a, b)
         assert a["lr"] == b["lr"] and a["codes_used"] == b["codes_used"]
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], abs=2e-3)
+
+
+def test_fsdp_with_packing_matches_single_padded_process(runs):
+    ref, got = load_checkpoint(runs["ref"] / "ckpt.pt"), load_checkpoint(runs["packed"])
+    assert_same_weights(ref, got)
+    for a, b in zip(read_log(runs["ref"]), read_log(runs["packed"])):
+        for k in ("lm", "rep", "fm"):
+            assert a[k] == pytest.approx(b[k], abs=2e-4), (k, a, b)
 
 
 def test_fsdp_resume_equals_uninterrupted_run(runs):

@@ -6,7 +6,7 @@ import torch
 from nanorf.layout import NO_BLOCK
 from nanorf.model import GenBatch, UndBatch
 from nanorf.mot import attention_mask, attention_mask_mod
-from nanorf.packing import first_fit, gen_doc, pack, packed_loss, split_gen, split_und, stack, und_doc
+from nanorf.packing import first_fit, gen_doc, pack, packed_loss, split_gen, split_und, split_to, stack, und_doc
 
 ATOL = 1e-5
 
@@ -47,6 +47,12 @@ def test_first_fit():
     assert first_fit([8, 1], 8) == [[0], [1]]
     with pytest.raises(ValueError, match="does not fit --tokens-per-rank 8"):
         first_fit([3, 9], 8)
+    # FSDP ranks run the same number of rows: the fullest pack is halved until there are n
+    assert split_to([[0, 1, 2], [3]], 4) == [[0], [1], [2], [3]]
+    assert split_to([[0, 1, 2], [3]], 3) == [[0], [1, 2], [3]]
+    assert split_to([[0, 1, 2], [3]], 2) == [[0, 1, 2], [3]]
+    with pytest.raises(ValueError):
+        split_to([[0], [1]], 3)
 
 
 def test_packed_loss_and_gradients_equal_the_padded_batch(tiny_model):
