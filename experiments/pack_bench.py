@@ -2,9 +2,12 @@
 
     python -m experiments.pack_bench                         # the toy model, 48 mixed-size examples
     python -m experiments.pack_bench --tokens-per-rank 4096 --examples 96
+    python -m experiments.pack_bench --data my_folder/        # a folder's images, aspect kept
+    python -m experiments.pack_bench --write-folder mixed/    # write the mixed-size shapes folder
 
-The examples are the shapes world at mixed aspect ratios and resolutions (each size from
-nanorf.data.fit_to_budget, as an image folder read with train.py --tokens-per-rank gives), half
+The examples are an image folder read as train.py --tokens-per-rank reads it (each image's
+aspect ratio kept, resized to at most image_size^2 pixels), or by default the shapes world at
+mixed aspect ratios and resolutions (`--write-folder` saves it as such a folder); half
 generation, half understanding. Both layouts run the same code (nanorf.packing.packed_loss,
 forward + backward) on the same examples; only the rows differ:
 
@@ -21,13 +24,16 @@ documents, so there the packed side gains more than here.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
+from pathlib import Path
 
 import torch
+from PIL import Image
 
 from nanorf.config import apply_overrides, get_config
-from nanorf.data import fit_to_budget
+from nanorf.data import ImageCaptionFolder, fit_to_budget
 from nanorf.model import GenBatch, UndBatch
 from nanorf.packing import gen_doc, pack, packed_loss, stack, und_doc
 from nanorf.patches import images_to_tensor
@@ -48,15 +54,28 @@ def mixed_sizes(n: int, side: int, multiple: int, seed: int = 0) -> list[tuple[i
     return out
 
 
-def make_docs(model, sizes: list[tuple[int, int]], seed: int = 0):
-    """Half generation, half understanding documents at these sizes, with fixed random draws."""
+def world_items(sizes: list[tuple[int, int]], seed: int = 0) -> list[dict]:
+    """Shapes-world items, item i drawn at sizes[i]."""
+    return [ShapesWorld((H, W), seed=seed)[i] for i, (H, W) in enumerate(sizes)]
+
+
+def write_folder(root: Path, items: list[dict]) -> None:
+    """Items as an image folder: 0000.png ... and captions.jsonl."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "captions.jsonl", "w") as f:
+        for i, it in enumerate(items):
+            Image.fromarray(it["image"]).save(root / f"{i:04d}.png")
+            f.write(json.dumps({"file": f"{i:04d}.png", "text": it["caption"]}) + "\n")
+
+
+def make_docs(model, items: list[dict], seed: int = 0):
+    """Half generation, half understanding documents of these items, with fixed random draws."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
     docs = []
-    for i, (H, W) in enumerate(sizes):
-        item = ShapesWorld((H, W), seed=seed)[i]
+    for i, item in enumerate(items):
         img = images_to_tensor([item["image"]])
-        gr = cfg.grids((H, W))
+        gr = cfg.grids(img.shape[-2:])
         if i % 2 == 0:
             b = GenBatch(prompts=[model.tok.encode(item["caption"], cfg.max_text_len)], images=img,
                          targets=torch.randint(0, cfg.vq.codebook_size, (1, gr.n_rep), generator=g) if cfg.rf else None,
@@ -88,12 +107,24 @@ def main(argv=None):
     ap.add_argument("--tokens-per-rank", type=int, default=2048, help="packed side: tokens per pack")
     ap.add_argument("--repeat", type=int, default=3, help="timed repeats (best of)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sizes, images and draws")
+    ap.add_argument("--data", default=None, help="an image folder (captions.jsonl) instead of the shapes world")
+    ap.add_argument("--write-folder", default=None, metavar="DIR",
+                    help="only write the default mixed-size shapes examples as an image folder, then exit")
     args = ap.parse_args(argv)
     cfg = apply_overrides(get_config(args.config), args.set).model
+    if args.data:
+        folder = ImageCaptionFolder(args.data, cfg.image_size, keep_aspect=True, multiple=cfg.size_multiple)
+        items = [folder[i] for i in range(min(args.examples, len(folder)))]
+    else:
+        items = world_items(mixed_sizes(args.examples, cfg.image_size, cfg.size_multiple, args.seed), args.seed)
+    if args.write_folder:
+        write_folder(Path(args.write_folder), items)
+        print(f"wrote {len(items)} images and captions.jsonl to {args.write_folder}")
+        return None
+    sizes = [it["image"].shape[:2] for it in items]
     torch.manual_seed(args.seed)
     model = build_model(cfg).train()
-    sizes = mixed_sizes(args.examples, cfg.image_size, cfg.size_multiple, args.seed)
-    docs = make_docs(model, sizes, args.seed)
+    docs = make_docs(model, items, args.seed)
     real = sum(len(d.tokens) for d in docs)
     n_gen, n_und = (len(docs) + 1) // 2, len(docs) // 2
     padded = [stack([[d] for d in docs[i:i + args.batch]]) for i in range(0, len(docs), args.batch)]
@@ -110,8 +141,8 @@ def main(argv=None):
             t = time.perf_counter()
             fn()
             best[k] = min(best[k], time.perf_counter() - t)
-    print(f"{len(docs)} examples ({n_gen} generation, {n_und} understanding), {len(set(sizes))} sizes "
-          f"from {min(sizes, key=lambda s: s[0] * s[1])} to {max(sizes, key=lambda s: s[0] * s[1])}, "
+    print(f"{len(docs)} examples ({n_gen} generation, {n_und} understanding), {len(set(map(tuple, sizes)))} sizes "
+          f"from {tuple(min(sizes, key=lambda s: s[0] * s[1]))} to {tuple(max(sizes, key=lambda s: s[0] * s[1]))}, "
           f"{real} real tokens; model {args.config}, {torch.get_num_threads()} threads")
     print(f"{'layout':8} {'rows':>5} {'forwards':>8} {'token slots':>11} {'padding':>8} {'seconds':>8} {'real tok/s':>10}")
     for k in rows:
@@ -119,7 +150,8 @@ def main(argv=None):
         print(f"{k:8} {R:>5} {len(rows[k]):>8} {slots[k]:>11} {1 - real / slots[k]:>8.1%} {best[k]:>8.2f} "
               f"{real / best[k]:>10.0f}")
     print(f"packed / padded throughput: {best['padded'] / best['packed']:.2f}x")
-    return {"padded_s": best["padded"], "packed_s": best["packed"], "real_tokens": real, "slots": slots}
+    return {"padded_s": best["padded"], "packed_s": best["packed"], "real_tokens": real, "slots": slots,
+            "sizes": [tuple(s) for s in sizes]}
 
 
 if __name__ == "__main__":

@@ -46,10 +46,11 @@ def palette_index(image: np.ndarray) -> np.ndarray:
 def fit_to_budget(h: int, w: int, budget: int, multiple: int) -> tuple[int, int]:
     """The (H, W) an h x w image is resized to: its aspect ratio kept, H * W <= budget pixels
     (a token budget: budget / patch^2 patches; unless even one multiple squared exceeds it),
-    both sides multiples of `multiple` and at least one multiple (NaViT-style variable resolution; docs/method.md, "Sequences and the attention
-    mask"). Rounding down keeps every image within the budget; a square image at the budget's
-    side keeps its size exactly."""
-    scale = (budget / (h * w)) ** 0.5
+    both sides multiples of `multiple` and at least one multiple (NaViT-style variable
+    resolution; docs/method.md, "Sequences and the attention mask"). Larger images shrink into
+    the budget, smaller ones keep their size (our choice: mixed resolutions stay mixed), both
+    rounded down to multiples; a square image at the budget's side keeps its size exactly."""
+    scale = min(1.0, (budget / (h * w)) ** 0.5)
     H = max(multiple, int(h * scale + 1e-6) // multiple * multiple)
     W = max(multiple, int(w * scale + 1e-6) // multiple * multiple)
     if H * W > budget:  # a side held at one multiple (an extreme aspect ratio): shrink the other

@@ -133,3 +133,40 @@ def test_train_and_sample_cli_on_cuda(tmp_path):
     sample.main(["--ckpt", str(out / "ckpt.pt"), "--prompt", "a red circle", "--out", str(png), "--device", "cuda"])
     with Image.open(png) as im:
         assert im.size == (32, 32)
+
+
+def test_packed_loss_with_flex_block_mask_equals_the_dense_mask(tiny_model, exact_float32):
+    """On CUDA packed rows attend through flex_attention's block mask (nanorf/packing.py); the
+    loss and gradients must equal the same pack on the CPU, where the dense mask runs."""
+    from test_packing import _gen, _und
+    from nanorf.packing import gen_doc, packed_loss, split_gen, split_und, stack, und_doc
+    cpu = tiny_model()
+    cpu.train()
+    gen, und = _gen(cpu, 3, (16, 16), 0), _und(cpu, 2, (16, 8), 1)
+    docs = [gen_doc(cpu, b) for b in split_gen(gen)] + [und_doc(cpu, b) for b in split_und(und)]
+    p = stack(docs)
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    out = {}
+    for name, m, pk in (("cpu", cpu, p), ("cuda", gpu, _to(p, docs, CUDA))):
+        m.zero_grad()
+        loss, _ = packed_loss(m, pk, 3, 2)
+        loss.backward()
+        out[name] = (loss.item(), {n: q.grad.cpu() for n, q in m.named_parameters() if q.grad is not None})
+    assert out["cpu"][0] == pytest.approx(out["cuda"][0], abs=1e-4)
+    for n, g in out["cpu"][1].items():
+        assert torch.allclose(g, out["cuda"][1][n], atol=1e-3), n
+
+
+def _to(p, docs, device):
+    """The same pack with its documents' tensors on `device`."""
+    from nanorf.packing import stack
+    moved = []
+    for d in docs:
+        d = dataclasses.replace(d)
+        if d.gen is not None:
+            d.gen = dataclasses.replace(d.gen, images=d.gen.images.to(device), targets=d.gen.targets.to(device),
+                                        t=d.gen.t.to(device), eps=d.gen.eps.to(device))
+        if d.und is not None:
+            d.und = dataclasses.replace(d.und, images=d.und.images.to(device))
+        moved.append(d)
+    return stack(moved)

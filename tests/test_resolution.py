@@ -94,6 +94,8 @@ def test_fit_to_budget_keeps_aspect_within_the_budget():
     assert fit_to_budget(32, 32, 32 * 32, 16) == (32, 32)
     assert fit_to_budget(100, 200, 32 * 32, 8) == (16, 40)       # 22.6 x 45.3 rounded down to multiples of 8
     assert fit_to_budget(10, 1000, 32 * 32, 8) == (8, 128)       # one side held at one multiple
+    assert fit_to_budget(16, 24, 32 * 32, 8) == (16, 24)         # smaller images are not enlarged
+    assert fit_to_budget(20, 30, 32 * 32, 8) == (16, 24)         # only rounded down to multiples
     for h, w in ((300, 200), (17, 90), (64, 64), (480, 640)):
         H, W = fit_to_budget(h, w, 48 * 48, 16)
         assert H % 16 == 0 and W % 16 == 0 and H * W <= 48 * 48
