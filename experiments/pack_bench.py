@@ -12,13 +12,13 @@ generation, half understanding. Both layouts run the same code (nanorf.packing.p
 forward + backward) on the same examples; only the rows differ:
 
   padded  micro-batches of --batch examples, one example per row, every row as long as the
-          longest of its micro-batch (what a padded batch of mixed sizes costs)
-  packed  first-fit packs of --tokens-per-rank tokens, one pack per forward
+          longest of its micro-batch, one dense mask (what a padded batch of mixed sizes costs)
+  packed  first-fit packs of --tokens-per-rank tokens, one pack per forward, attention per
+          document (CPU) or through a flex_attention block mask (CUDA)
 
 Throughput is real (non-padding) tokens per second; the table also gives the padding share.
-On CPU the dense mask makes a packed row attend over its whole length (the masked scores are
-computed, then dropped); on CUDA the flex_attention block mask skips the tiles between
-documents, so there the packed side gains more than here.
+With a dense mask a packed row would attend over its whole length (every cross-document score
+computed, then dropped): `--dense-packed` measures that too.
 """
 
 from __future__ import annotations
@@ -88,12 +88,12 @@ def make_docs(model, items: list[dict], seed: int = 0):
     return docs
 
 
-def run(layouts, model, n_gen: int, n_und: int) -> float:
-    """Seconds for one forward + backward over every pack of `layouts`."""
+def run(layouts, model, n_gen: int, n_und: int, dense: bool):
+    """A function that runs one forward + backward over every pack of `layouts`."""
     def step():
         model.zero_grad(set_to_none=True)
         for p in layouts:
-            loss, _ = packed_loss(model, p, n_gen, n_und)
+            loss, _ = packed_loss(model, p, n_gen, n_und, dense=dense)
             loss.backward()
     return step
 
@@ -107,6 +107,8 @@ def main(argv=None):
     ap.add_argument("--tokens-per-rank", type=int, default=2048, help="packed side: tokens per pack")
     ap.add_argument("--repeat", type=int, default=3, help="timed repeats (best of)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sizes, images and draws")
+    ap.add_argument("--dense-packed", action="store_true",
+                    help="also time packed rows through the dense reference mask")
     ap.add_argument("--data", default=None, help="an image folder (captions.jsonl) instead of the shapes world")
     ap.add_argument("--write-folder", default=None, metavar="DIR",
                     help="only write the default mixed-size shapes examples as an image folder, then exit")
@@ -130,10 +132,14 @@ def main(argv=None):
     padded = [stack([[d] for d in docs[i:i + args.batch]]) for i in range(0, len(docs), args.batch)]
     packed = pack(docs, args.tokens_per_rank)
     rows = {"padded": padded, "packed": packed}
+    if args.dense_packed:
+        rows["packed-dense"] = packed
     slots = {k: sum(p.doc.numel() for p in v) for k, v in rows.items()}
     # one interleaved measurement per repeat, so a noisy neighbour hits both sides alike
     best = {k: float("inf") for k in rows}
-    fns = {k: run(v, model, n_gen, n_und) for k, v in rows.items()}
+    # padded rows attend through one dense (B, 1, L, L) mask, as a padded batch does; packed rows
+    # through packed_loss's fast path (per document on CPU, flex_attention on CUDA)
+    fns = {k: run(v, model, n_gen, n_und, dense=k != "packed") for k, v in rows.items()}
     for k in fns:
         fns[k]()                                                        # warm-up
     for _ in range(args.repeat):
@@ -144,10 +150,10 @@ def main(argv=None):
     print(f"{len(docs)} examples ({n_gen} generation, {n_und} understanding), {len(set(map(tuple, sizes)))} sizes "
           f"from {tuple(min(sizes, key=lambda s: s[0] * s[1]))} to {tuple(max(sizes, key=lambda s: s[0] * s[1]))}, "
           f"{real} real tokens; model {args.config}, {torch.get_num_threads()} threads")
-    print(f"{'layout':8} {'rows':>5} {'forwards':>8} {'token slots':>11} {'padding':>8} {'seconds':>8} {'real tok/s':>10}")
+    print(f"{'layout':12} {'rows':>5} {'forwards':>8} {'token slots':>11} {'padding':>8} {'seconds':>8} {'real tok/s':>10}")
     for k in rows:
         R = sum(p.doc.shape[0] for p in rows[k])
-        print(f"{k:8} {R:>5} {len(rows[k]):>8} {slots[k]:>11} {1 - real / slots[k]:>8.1%} {best[k]:>8.2f} "
+        print(f"{k:12} {R:>5} {len(rows[k]):>8} {slots[k]:>11} {1 - real / slots[k]:>8.1%} {best[k]:>8.2f} "
               f"{real / best[k]:>10.0f}")
     print(f"packed / padded throughput: {best['padded'] / best['packed']:.2f}x")
     return {"padded_s": best["padded"], "packed_s": best["packed"], "real_tokens": real, "slots": slots,

@@ -124,6 +124,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+class DocMasks:
+    """A packed batch's attention as one small dense mask per document (packing.py): documents
+    never attend to each other, so on CPU attention runs document by document and costs the sum
+    of their squared lengths, not the square of the row's. The same rule as the dense
+    (B, 1, L, L) mask; `docs` is [(row, start, end, mask (1, 1, n, n))], padding after the last
+    document of a row gets zeros (nothing reads it)."""
+
+    def __init__(self, docs: list[tuple[int, int, int, torch.Tensor]], rows: int, length: int):
+        self.docs, self.rows, self.length = docs, rows, length
+
+    def attend(self, q, k, v) -> torch.Tensor:
+        """q, k, v (B, H, L, hd) -> (B, H, L, hd)."""
+        out = []
+        for r in range(self.rows):
+            parts, end = [], 0
+            for row, s, e, m in self.docs:
+                if row == r:
+                    parts.append(F.scaled_dot_product_attention(q[r:r + 1, :, s:e], k[r:r + 1, :, s:e],
+                                                                v[r:r + 1, :, s:e], attn_mask=m.to(q.device)))
+                    end = e
+            if end < self.length:
+                parts.append(q.new_zeros(1, q.shape[1], self.length - end, v.shape[-1]))
+            out.append(torch.cat(parts, dim=2))                                       # (1, H, L, hd)
+        return torch.cat(out)
+
+
 class Routing:
     """Groups the tokens of a flattened (B*L) sequence by type, once per forward.
 
@@ -221,6 +247,8 @@ class MoTBlock(nn.Module):
             k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
         if isinstance(mask, BlockMask):  # packed rows on CUDA (packing.py): flex_attention, tiles skipped
             a = flex(q, k, v, block_mask=mask)                                    # (B, H, L, hd)
+        elif isinstance(mask, DocMasks):  # packed rows on CPU: attention per document
+            a = mask.attend(q, k, v)
         else:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)         # (B, H, L, hd)
         a = a.transpose(1, 2).reshape(B * L, H * hd)

@@ -37,7 +37,7 @@ from .flow import add_noise, fm_loss
 from .layout import NO_TARGET, PAD_TOKEN, Layout, Token, gen_row, und_row
 from .config import ModelConfig
 from .model import GenBatch, LossParts, RFModel, UndBatch
-from .mot import PAD, attention_mask, attention_mask_mod, flex_attention
+from .mot import PAD, DocMasks, attention_mask, attention_mask_mod, flex_attention
 from .patches import patchify
 
 
@@ -110,6 +110,17 @@ class Pack:
         lay = self.layout
         return attention_mask(lay.block, lay.noisy, lay.valid, lay.modality, self.drop_q, self.doc)
 
+    def doc_masks(self) -> DocMasks:
+        """The same rule as one small dense mask per document (CPU: attention document by document)."""
+        lay, docs = self.layout, []
+        for d in self.docs:
+            s, e = d.start, d.start + len(d.tokens)
+            m = attention_mask(lay.block[d.row:d.row + 1, s:e], lay.noisy[d.row:d.row + 1, s:e],
+                               lay.valid[d.row:d.row + 1, s:e], lay.modality[d.row:d.row + 1, s:e],
+                               self.drop_q[d.row:d.row + 1, s])                   # (1, 1, n, n)
+            docs.append((d.row, s, e, m))
+        return DocMasks(docs, *self.doc.shape)
+
     def block_mask(self, device):
         """The same rule as a flex_attention BlockMask (CUDA)."""
         from torch.nn.attention.flex_attention import create_block_mask
@@ -176,9 +187,10 @@ def _cols(d: Doc, L: int, first: int, n: int, device) -> torch.Tensor:
     return d.row * L + d.start + first + torch.arange(n, device=device)
 
 
-def packed_loss(model: RFModel, p: Pack, n_gen: int, n_und: int) -> tuple[torch.Tensor, LossParts]:
+def packed_loss(model: RFModel, p: Pack, n_gen: int, n_und: int, dense: bool = False) -> tuple[torch.Tensor, LossParts]:
     """The loss of one pack, normalised by the step's example counts on this rank (module
-    docstring); returns (loss, its parts detached) like RFModel.forward."""
+    docstring); returns (loss, its parts detached) like RFModel.forward. dense: attend through
+    the reference (R, 1, L, L) mask instead of the fast path."""
     cfg, lay = model.cfg, p.layout
     dev = model.pix_head.weight.device
     R, L = lay.tokens.shape
@@ -219,7 +231,12 @@ def packed_loss(model: RFModel, p: Pack, n_gen: int, n_und: int) -> tuple[torch.
     if where:
         x = x.index_copy(0, torch.cat(where), torch.cat(vals).to(x.dtype))
     x = x.view(R, L, -1)                                                           # (R, L, D)
-    mask = p.block_mask(dev) if dev.type == "cuda" and flex_attention is not None else p.mask().to(dev)
+    # the rule of `Pack.mask`, run the fast way: flex_attention's block mask on CUDA, one small
+    # attention per document on CPU (tests/test_packing.py checks both against the dense mask)
+    if dense:
+        mask = p.mask().to(dev)
+    else:
+        mask = p.block_mask(dev) if dev.type == "cuda" and flex_attention is not None else p.doc_masks()
     log = model.mot.router_log()
     h = model.mot(x, lay.modality.to(dev), lay.pos.to(dev), mask, router_log=log).flatten(0, 1)  # (R*L, D)
 

@@ -140,6 +140,14 @@ def test_flex_mask_mod_equals_the_dense_mask(tiny_model):
     R, L = p.doc.shape
     assert torch.equal(flex.create_mask(mod, R, None, L, L, device="cpu"), p.mask())
     assert (lay.block[lay.valid] != NO_BLOCK).any() and p.drop_q.any()   # the rules were exercised
+    # the CPU fast path, attention document by document, gives the dense mask's output
+    x = torch.randn(R, L, model.cfg.mot.dim, requires_grad=True)
+    a = model.mot(x, lay.modality, lay.pos, p.mask())
+    b = model.mot(x, lay.modality, lay.pos, p.doc_masks())
+    assert torch.allclose(a[lay.valid], b[lay.valid], atol=1e-5)
+    ga, = torch.autograd.grad(a[lay.valid].sum(), x)
+    gb, = torch.autograd.grad(b[lay.valid].sum(), x)
+    assert torch.allclose(ga, gb, atol=1e-5)
     # and the trunk under flex_attention (unfused on CPU) gives the SDPA output
     x = torch.randn(R, L, model.cfg.mot.dim)
     bm = flex.create_block_mask(mod, R, None, L, L, device="cpu")
