@@ -55,7 +55,7 @@ from nanorf.dcp import is_sharded, load_sharded, read_meta, save_sharded
 from nanorf.fsdp import clip_grad_norm, shard_encoder, shard_model
 from nanorf.guard import RunStopped, agree_on_step, check_bad_fraction, save, share_bad_items
 from nanorf.model import RFModel, validate
-from nanorf.packing import check_packing, first_fit, gen_doc, split_to, stack, und_doc
+from nanorf.packing import average_gradients, check_packing, packed_micro_steps
 from nanorf.runlog import RunLog, step_record
 from nanorf.stages import apply_stage, freeze, initial_model, load_weights_from, parse_freeze
 from nanorf.stream import Stream
@@ -198,48 +198,10 @@ def setup_distributed(device_arg, fsdp: bool = False):
     return rank, world, device
 
 
-def packed_micro_steps(model: RFModel, gens, unds, gen_slot: int, und_slot: int, budget: int,
-                       same_count: bool = False, device=None):
-    """This rank's examples as packed rows of `budget` tokens (nanorf/packing.py), one per forward:
-    [((Pack, n_gen, n_und), the examples' slots in the step's global batch)]. Each pack's loss is
-    its examples' share of the rank's means, so the packs' losses add up to the padded step's.
-    same_count (FSDP, whose every forward is collective): all ranks agree on the largest number of
-    rows and the others split theirs to match."""
-    docs = [gen_doc(model, b) for b in gens] + [und_doc(model, b) for b in unds]
-    slots = list(range(gen_slot, gen_slot + len(gens))) + list(range(und_slot, und_slot + len(unds)))
-    groups = first_fit([len(d.tokens) for d in docs], budget)
-    if same_count:
-        n = torch.tensor([len(groups)], device=device)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        groups = split_to(groups, int(n))
-    return [((stack([docs[i] for i in idx]), len(gens), len(unds)), [slots[i] for i in idx]) for idx in groups]
-
-
 def checkpoint_path(out_dir: Path, fsdp: bool) -> Path:
     """Where a run keeps its latest checkpoint: ckpt.pt, or under --fsdp the link ckpt.dcp to
     the newest sharded folder (nanorf/dcp.py)."""
     return Path(out_dir) / ("ckpt.dcp" if fsdp else "ckpt.pt")
-
-
-def average_gradients(model: torch.nn.Module, world: int, bucket: int = 1 << 24) -> None:
-    """DDP's gradient average, by hand: every trainable parameter's gradient (zeros where this
-    rank's rows did not touch it) all-reduced in flat buckets of about `bucket` elements."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    i = 0
-    while i < len(params):
-        j, n = i, 0
-        while j < len(params) and (n == 0 or n + params[j].numel() <= bucket):
-            n += params[j].numel()
-            j += 1
-        flat = torch.cat([p.grad.reshape(-1) for p in params[i:j]])                # (n,)
-        dist.all_reduce(flat)
-        flat /= world
-        for p, g in zip(params[i:j], flat.split([p.numel() for p in params[i:j]])):
-            p.grad.copy_(g.view_as(p))
-        i = j
 
 
 def micro_batch_sizes(t, world: int) -> tuple[int, int, int]:

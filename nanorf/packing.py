@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .flow import add_noise, fm_loss
@@ -282,3 +283,43 @@ def split_gen(b: GenBatch) -> list[GenBatch]:
 def split_und(b: UndBatch) -> list[UndBatch]:
     """An UndBatch of B examples -> B UndBatches of one."""
     return [UndBatch(b.images[i:i + 1], b.questions[i:i + 1], b.answers[i:i + 1]) for i in range(len(b.questions))]
+
+
+# ---- the training step (train.py --tokens-per-rank) ---------------------------------------
+
+def packed_micro_steps(model: RFModel, gens, unds, gen_slot: int, und_slot: int, budget: int,
+                       same_count: bool = False, device=None):
+    """This rank's examples as packed rows of `budget` tokens, one per forward (train.py):
+    [((Pack, n_gen, n_und), the examples' slots in the step's global batch)]. Each pack's loss is
+    its examples' share of the rank's means, so the packs' losses add up to the padded step's.
+    same_count (FSDP, whose every forward is collective): all ranks agree on the largest number of
+    rows and the others split theirs to match."""
+    docs = [gen_doc(model, b) for b in gens] + [und_doc(model, b) for b in unds]
+    slots = list(range(gen_slot, gen_slot + len(gens))) + list(range(und_slot, und_slot + len(unds)))
+    groups = first_fit([len(d.tokens) for d in docs], budget)
+    if same_count:
+        n = torch.tensor([len(groups)], device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        groups = split_to(groups, int(n))
+    return [((stack([docs[i] for i in idx]), len(gens), len(unds)), [slots[i] for i in idx]) for idx in groups]
+
+
+def average_gradients(model: torch.nn.Module, world: int, bucket: int = 1 << 24) -> None:
+    """DDP's gradient average, by hand: every trainable parameter's gradient (zeros where this
+    rank's rows did not touch it) all-reduced in flat buckets of about `bucket` elements."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    i = 0
+    while i < len(params):
+        j, n = i, 0
+        while j < len(params) and (n == 0 or n + params[j].numel() <= bucket):
+            n += params[j].numel()
+            j += 1
+        flat = torch.cat([p.grad.reshape(-1) for p in params[i:j]])                # (n,)
+        dist.all_reduce(flat)
+        flat /= world
+        for p, g in zip(params[i:j], flat.split([p.numel() for p in params[i:j]])):
+            p.grad.copy_(g.view_as(p))
+        i = j
