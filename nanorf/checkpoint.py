@@ -100,6 +100,19 @@ def nonfinite(state, prefix: str = "") -> list[str]:
     return [name for k, v in items for name in nonfinite(v, f"{prefix}{k}.")]
 
 
+def refuse_nonfinite(bad: list[str], step: int, path, world: int, device) -> None:
+    """Every rank's list of non-finite tensors -> CheckpointError on every rank if any rank has one
+    (so all stop together, and no rank writes)."""
+    if world > 1:
+        import torch.distributed as dist
+        flag = torch.tensor([float(bool(bad))], device=device)
+        dist.all_reduce(flag)
+        bad = bad or (["(on another rank)"] if flag.item() > 0 else [])
+    if bad:
+        raise CheckpointError(f"refusing to save step {step}: non-finite values in {', '.join(bad[:3])}; "
+                              f"{path} left as it was")
+
+
 def checkpoint_state(cfg: Config, step: int, model, ema_model, optimizer, targets=None) -> dict:
     """What a checkpoint holds (the module docstring): the live tensors, not copies."""
     return {"format": FORMAT, "config": cfg.to_dict(), "step": step,

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .checkpoint import FORMAT, TEMP_MARK, CheckpointError, _fsync, nonfinite, numbered_checkpoints
+from .checkpoint import FORMAT, TEMP_MARK, CheckpointError, _fsync, nonfinite, numbered_checkpoints, refuse_nonfinite
 from .config import Config
 
 META = "meta.pt"
@@ -63,12 +63,7 @@ def save_sharded(path, cfg: Config, step: int, model, ema, optimizer, targets, w
     path = Path(path)
     state = _state(model, ema.model, optimizer, targets)
     bad = nonfinite(local_shards({k: state[k] for k in ("model", "ema", "optimizer", "targets") if k in state}))
-    flag = torch.tensor([float(bool(bad))], device=next(model.parameters()).device)
-    dist.all_reduce(flag)
-    bad = bad or (["(on another rank)"] if flag.item() > 0 else [])
-    if bad:
-        raise CheckpointError(f"refusing to save step {step}: non-finite values in {', '.join(bad[:3])}; "
-                              f"{path} left as it was")
+    refuse_nonfinite(bad, step, path, dist.get_world_size(), next(model.parameters()).device)
     final = path.with_name(f"{path.stem}-{step}{path.suffix}")   # out/ckpt-1200.dcp
     name = [tempfile.mkdtemp(prefix=final.name + TEMP_MARK, dir=path.parent) if master else None]
     dist.broadcast_object_list(name, src=0)  # one temporary folder for all ranks

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, checkpoint_state, nonfinite, write_checkpoint
+from .checkpoint import checkpoint_state, nonfinite, refuse_nonfinite, write_checkpoint
 from .config import Config
 from .data import DataError
 from .stream import Stream
@@ -92,12 +92,6 @@ def save(path: Path, cfg: Config, step: int, model, ema, opt, targets, world: in
     CheckpointError and no file is touched."""
     state = checkpoint_state(cfg, step, model, ema.model, opt, targets)
     bad = nonfinite({k: state[k] for k in ("model", "ema", "optimizer", "targets")})
-    if world > 1:
-        flag = torch.tensor([float(bool(bad))], device=next(model.parameters()).device)
-        dist.all_reduce(flag)
-        bad = bad or (["(on another rank)"] if flag.item() > 0 else [])
-    if bad:
-        raise CheckpointError(f"refusing to save step {step}: non-finite values in {', '.join(bad[:3])}; "
-                              f"{path} left as it was")
+    refuse_nonfinite(bad, step, path, world, next(model.parameters()).device)
     if master:
         write_checkpoint(path, state, cfg.train.keep)
