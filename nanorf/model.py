@@ -84,8 +84,8 @@ def validate(cfg: ModelConfig):
          f"the ViT grid {cfg.image_size // v.patch_size} is not a multiple of vq.pool {cfg.vq.pool}"),
         (cfg.rep_target in ("discrete", "continuous"),
          f"rep_target {cfg.rep_target!r} must be 'discrete' or 'continuous'"),
-        (not cfg.repa_weight or cfg.patch_size % v.patch_size == 0,
-         f"REPA needs patch_size {cfg.patch_size} to be a multiple of vit.patch_size {v.patch_size}"),
+        (not cfg.repa_weight or cfg.patch_size % v.patch_size == 0 or v.patch_size % cfg.patch_size == 0,
+         f"REPA needs patch_size {cfg.patch_size} and vit.patch_size {v.patch_size} to divide one another"),
         (0 <= cfg.repa_depth <= m.depth, f"repa_depth {cfg.repa_depth} is outside 0..{m.depth}"),
     ]
     for ok, msg in checks:

@@ -109,8 +109,19 @@ class RepresentationTargets(nn.Module):
 
     @torch.no_grad()
     def align(self, images: torch.Tensor) -> torch.Tensor:
-        """REPA's targets: (B, 3, H, W) -> unit features (B, M, D) on the pixel-patch grid."""
-        return self.encoder.features(images, pool=self.cfg.patch_size // self.cfg.vit.patch_size)
+        """REPA's targets: (B, 3, H, W) -> unit features (B, M, D) on the pixel-patch grid: each
+        pixel patch gets the feature of the encoder region it lies in. Pixel patches r times the
+        encoder's average r x r encoder patches; pixel patches r times smaller (the toy: 8 px
+        against 16) each take the feature of the encoder patch that contains them."""
+        p, v = self.cfg.patch_size, self.cfg.vit.patch_size
+        if p >= v:
+            return self.encoder.features(images, pool=p // v)
+        z = self.encoder.features(images, pool=1)                                  # (B, h*w, D) on the encoder grid
+        B, _, D = z.shape
+        h, w = images.shape[-2] // v, images.shape[-1] // v
+        z = z.transpose(1, 2).reshape(B, D, h, w)                                  # (B, D, h, w)
+        z = z.repeat_interleave(v // p, dim=2).repeat_interleave(v // p, dim=3)    # (B, D, H/p, W/p)
+        return z.flatten(2).transpose(1, 2)                                        # (B, M, D), raster order
 
     @torch.no_grad()
     def ema_update(self, vit: ViT):

@@ -145,3 +145,12 @@ def test_targets_for_each_variant(tiny_config):
     # pixel patch 4 = ViT patch 4: one feature per pixel patch, no pooling
     out = rt.encoder.encoder(imgs)["x_prenorm"]
     assert a.shape == (2, 16, 32) and torch.allclose(a, torch.nn.functional.normalize(out, dim=-1), atol=1e-5)
+    # pixel patch 2, half the ViT's 4 (the toy's 8 against 16): each pixel patch gets the
+    # feature of the ViT patch that contains it
+    cfg = tiny_config(*REPA, "model.patch_size=2").model
+    rt = RepresentationTargets(cfg, ViT(cfg.vit))
+    a = rt.align(imgs).view(2, 8, 8, 32)
+    f = torch.nn.functional.normalize(rt.encoder.encoder(imgs)["x_prenorm"], dim=-1).view(2, 4, 4, 32)
+    for i in range(8):
+        for j in range(8):
+            assert torch.allclose(a[:, i, j], f[:, i // 2, j // 2], atol=1e-6)
