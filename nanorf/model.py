@@ -324,13 +324,15 @@ class RFModel(nn.Module):
     # ---- positions: functions of normalised image coordinates, at any grid ---------------
     def pix_positions(self, grid: tuple[int, int]) -> torch.Tensor:
         """(h*w, D) sin-cos positions of an h x w pixel-patch grid."""
-        g = self.cfg.grids()
-        return self.pix_pos if tuple(grid) == g.pix else sincos_2d(*grid, self.cfg.mot.dim).to(self.pix_pos.device)
+        return self._sincos(grid, self.cfg.grids().pix, self.pix_pos)
 
     def vit_positions(self, grid: tuple[int, int]) -> torch.Tensor:
         """(h*w, D) sin-cos positions of an h x w encoder-patch grid."""
-        g = self.cfg.grids()
-        return self.vit_pos if tuple(grid) == g.vit else sincos_2d(*grid, self.cfg.mot.dim).to(self.vit_pos.device)
+        return self._sincos(grid, self.cfg.grids().vit, self.vit_pos)
+
+    def _sincos(self, grid, config_grid, table: torch.Tensor) -> torch.Tensor:
+        """The buffer computed at the config's grid, or the same function at another grid."""
+        return table if tuple(grid) == config_grid else sincos_2d(*grid, self.cfg.mot.dim).to(table.device)
 
     def rep_positions(self, grid: tuple[int, int]) -> torch.Tensor:
         """(h*w, D) learned rep-token positions: the table itself at the config's grid, its

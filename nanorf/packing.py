@@ -212,7 +212,7 @@ def packed_loss(model: RFModel, p: Pack, n_gen: int, n_und: int, dense: bool = F
         pix_idx = torch.cat([_cols(d, L, 1 + n + (1 + g.n_rep if cfg.rf else 0) + 1, g.n_pix, dev)
                              for d, n in zip(docs, n_prompt)])
         where.append(pix_idx), vals.append(model.embed_pix(z, t, g.pix).flatten(0, 1))
-        grp = {"docs": docs, "x0": x0, "z": z, "t": t, "eps": eps, "pix": pix_idx, "B": B}
+        grp = {"x0": x0, "z": z, "t": t, "eps": eps, "pix": pix_idx, "B": B}
         if cfg.rf:
             codes = torch.cat([d.gen.targets for d in docs])                       # (B, N)
             rep_idx = torch.cat([_cols(d, L, 2 + n, g.n_rep, dev) for d, n in zip(docs, n_prompt)])
