@@ -65,6 +65,7 @@ class VQConfig:
     momentum: float = 0.9999       # prototype momentum m
     pool: int = 2                  # p x p average pooling of encoder patch features
     encoder_ema: float = 0.9999    # decay of the target encoder's EMA (paper: not stated; 0.9999 inferred)
+    init: str = "farthest"         # first-batch prototypes: "farthest" points (k-centre greedy) or "random" (nanorf/vq.py)
 
 
 @dataclass
@@ -162,7 +163,8 @@ class ModelConfig:
     """The unified model: sequence layout, embeddings and heads (docs/method.md, "Sequences and the attention mask")."""
     image_size: int = 256          # square canvas side in pixels
     patch_size: int = 16           # pixel patch side for generation (paper: 16)
-    max_text_len: int = 128        # bytes of prompt / question / answer the sequence can hold
+    pix_head_hidden: int = 0       # > 0: the pixel head is a GELU MLP with this hidden width; 0 = linear (JiT)
+    max_text_len: int = 128        # tokens of prompt / question / answer the sequence can hold
     rf: bool = True                # False = pixel-only baseline (no representation tokens)
     rep_target: str = "discrete"   # "discrete": VQ codes, AR cross-entropy (RF); "continuous": Table 3c's
                                    # per-position diffusion head on the EMA encoder's features

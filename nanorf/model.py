@@ -25,7 +25,10 @@ sampler), and a 256-px stage continues at 1024 px with the same parameters (our 
 paper trains on mixed resolutions and aspect ratios but does not say how positions are encoded).
 
 Heads: LM head over bytes (L_LM), K-way rep head (L_Rep), pixel head predicting the clean
-patch x (x-prediction, L_FM). L = L_LM + L_Rep + L_FM with unit weights; a Qwen3-MoE decoder
+patch x (x-prediction, L_FM). The pixel head is linear, as JiT's final layer is; with
+`pix_head_hidden` > 0 it is a two-layer GELU MLP (our choice, for narrow models): a linear head
+from width D draws a patch of p*p*3 values from at most D directions, which is a limit for the
+toy's 128-wide trunk and 768-value patches but not for the paper's trunk, wider than its patches. L = L_LM + L_Rep + L_FM with unit weights; a Qwen3-MoE decoder
 adds its load-balancing loss, aux_loss_coef * L_aux (nanorf/moe.py).
 
 With a Qwen3 decoder (nanorf/pretrained.py, `load_qwen3`) the text is Qwen's BPE vocabulary
@@ -229,7 +232,8 @@ class RFModel(nn.Module):
         self.pix_emb = nn.Linear(p * p * 3, D)
         self.t_emb = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.register_buffer("pix_pos", sincos_2d(*g.pix, D), persistent=False)
-        self.pix_head = nn.Linear(D, p * p * 3)
+        h = cfg.pix_head_hidden
+        self.pix_head = nn.Sequential(nn.Linear(D, h), nn.GELU(), nn.Linear(h, p * p * 3)) if h else nn.Linear(D, p * p * 3)
         self.mot = MoT(cfg.mot)
         self._init_weights()
 
@@ -250,8 +254,9 @@ class RFModel(nn.Module):
         if self.rep is not None:
             self.rep.init_weights()
         # x-prediction head starts at x = 0 (JiT zero-inits its final layer)
-        nn.init.zeros_(self.pix_head.weight)
-        nn.init.zeros_(self.pix_head.bias)
+        last = self.pix_head[-1] if isinstance(self.pix_head, nn.Sequential) else self.pix_head
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def new_parameters(self) -> list[nn.Parameter]:
         """The parameters the paper trains at x4 learning rate, "newly initialised generation
@@ -462,7 +467,7 @@ class RFModel(nn.Module):
             return packed_loss(self, *packed)
         self._router_log = self.mot.router_log()
         try:
-            zero = self.pix_head.weight.new_zeros(())
+            zero = self.pix_emb.weight.new_zeros(())
             l_rep, l_fm = self.gen_loss(gen) if gen is not None else (zero, zero)
             l_lm = self.und_loss(und) if und is not None else zero
             aux = self.mot.aux_loss(self._router_log)

@@ -193,7 +193,7 @@ def packed_loss(model: RFModel, p: Pack, n_gen: int, n_und: int, dense: bool = F
     docstring); returns (loss, its parts detached) like RFModel.forward. dense: attend through
     the reference (R, 1, L, L) mask instead of the fast path."""
     cfg, lay = model.cfg, p.layout
-    dev = model.pix_head.weight.device
+    dev = model.pix_emb.weight.device
     R, L = lay.tokens.shape
     x = model.tok_emb(lay.tokens.to(dev)).flatten(0, 1)                             # (R*L, D)
     where, vals = [], []                                                           # block embeddings by flat index

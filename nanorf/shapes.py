@@ -340,6 +340,15 @@ def _longest_describe() -> int:
 MAX_ANSWER_BYTES = _longest_describe()  # a 4-object describe answer; every prompt is shorter
 
 
+def vocabulary() -> tuple[str, ...]:
+    """Every word the world's captions, questions and answers use, "?" and "." left off: the
+    word list of the toy's `bytes+shapes` tokenizer (nanorf/tokenizer.py)."""
+    fixed = "a and at the how many are there where is what shape color describe image nothing".split()
+    words = [*fixed, *COLORS, *SHAPES, *(s + "s" for s in SHAPES), *NUMBERS,
+             *(w for text in POSITIONS + RELATIONS for w in text.split())]
+    return tuple(dict.fromkeys(words))
+
+
 # --- the held-out split -------------------------------------------------------------------------
 
 def canonical(prompt: Prompt) -> str:

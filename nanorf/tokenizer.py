@@ -2,7 +2,10 @@
 
 The paper inherits Qwen3's BPE vocabulary with its decoder; nanorf's toy ships no vocabulary
 files, so text is UTF-8 bytes (ids 0-255), which handles any language and needs no
-download. The special tokens mark the blocks of the two sequences (docs/method.md,
+download. A byte tokenizer can also carry a fixed word list (`ModelConfig.tokenizer =
+"bytes+shapes"`: the shapes world's 40-odd words): each word, with or without its leading space,
+is one token, and everything else stays bytes. That is what a BPE vocabulary does to such
+captions (Qwen3 writes " red" as one token), and it makes the toy's sequences 3-4x shorter. The special tokens mark the blocks of the two sequences (docs/method.md,
 "Sequences and the attention mask"):
 
     generation:     [BOS] prompt [BOR] r_1 ... r_N [BOP] p_1 ... p_M
@@ -35,29 +38,52 @@ class TokenizerError(ValueError):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes plus the special tokens; `vocab_size` rounded up to a multiple of 8."""
+    """UTF-8 bytes (ids 0-255), the special tokens, then optional whole words; `vocab_size`
+    rounded up to a multiple of 8.
 
-    def __init__(self):
+    words: each word w adds two tokens, "w" and " w". Encoding takes the longest word token
+    that matches at each byte (greedy, like a BPE with fixed merges) and falls back to one byte,
+    so any text still encodes, and decoding concatenates the tokens' bytes: an exact round trip.
+    """
+
+    def __init__(self, words=()):
         self.n_bytes = 256
         for i, name in enumerate(SPECIALS):
             setattr(self, name.strip("[]").lower(), self.n_bytes + i)  # self.pad, self.bos, ...
-        n = self.n_bytes + len(SPECIALS)
-        self.vocab_size = (n + 7) // 8 * 8  # a matmul-friendly head size
+        first = self.n_bytes + len(SPECIALS)
+        pieces = [p.encode("utf-8") for w in dict.fromkeys(words) for p in (w, " " + w) if len(p.encode("utf-8")) > 1]
+        self.words = tuple(words)
+        self._piece = dict(zip(range(first, first + len(pieces)), pieces))      # id -> bytes
+        self._id = {b: i for i, b in self._piece.items()}                       # bytes -> id
+        self._longest = max(map(len, pieces), default=1)
+        self.vocab_size = (first + len(pieces) + 7) // 8 * 8  # a matmul-friendly head size
 
     def encode(self, text: str, max_len: int | None = None) -> list[int]:
-        ids = list(text.encode("utf-8"))
+        b, ids, i = text.encode("utf-8"), [], 0
+        while i < len(b):
+            for n in range(min(self._longest, len(b) - i), 1, -1):
+                if b[i:i + n] in self._id:
+                    ids.append(self._id[b[i:i + n]])
+                    i += n
+                    break
+            else:
+                ids.append(b[i])
+                i += 1
         if max_len is not None and len(ids) > max_len:
             raise TokenizerError(
-                f"text is {len(ids)} bytes but this model holds at most {max_len}: {text[:40]!r}...")
+                f"text is {len(ids)} {'tokens' if self._piece else 'bytes'} but this model holds at most "
+                f"{max_len}: {text[:40]!r}...")
         return ids
 
     def is_special(self, i: int) -> bool:
-        """Not a byte: a special token, or one of the unused rows up to vocab_size."""
-        return not 0 <= int(i) < self.n_bytes
+        """No text: a special token, or one of the unused rows up to vocab_size."""
+        i = int(i)
+        return not (0 <= i < self.n_bytes or i in self._piece)
 
     def decode(self, ids) -> str:
-        """Bytes back to text; special tokens are skipped, broken UTF-8 is replaced."""
-        return bytes(int(i) for i in ids if 0 <= int(i) < self.n_bytes).decode("utf-8", errors="replace")
+        """Tokens back to text; special tokens are skipped, broken UTF-8 is replaced."""
+        out = b"".join(self._piece.get(int(i), bytes([int(i)]) if 0 <= int(i) < self.n_bytes else b"") for i in ids)
+        return out.decode("utf-8", errors="replace")
 
 
 def _name(entry) -> str | None:
@@ -143,5 +169,9 @@ class QwenTokenizer:
 
 
 def make_tokenizer(spec: str = ""):
-    """The tokenizer a ModelConfig names: "" = bytes, else a Qwen3 folder or its tokenizer.json."""
+    """The tokenizer a ModelConfig names: "" = bytes, "bytes+shapes" = bytes and the shapes
+    world's words, else a Qwen3 folder or its tokenizer.json."""
+    if spec == "bytes+shapes":
+        from .shapes import vocabulary
+        return ByteTokenizer(vocabulary())
     return QwenTokenizer(spec) if spec else ByteTokenizer()

@@ -159,9 +159,22 @@ def test_gen_loss_finite_rf_on_and_off(tiny_model):
             assert l_rep.item() == 0.0
 
 
-def test_gen_loss_hand_check_with_zero_pixel_head(tiny_model):
-    """At init the pixel head is zero (JiT), so x_pred = 0 and L_FM has a closed form."""
-    m = tiny_model(randomize_pix_head=False)
+def test_mlp_pixel_head_escapes_the_linear_heads_rank():
+    """pix_head_hidden > 0: a GELU MLP whose outputs span more than the trunk's D directions (a
+    linear head's centred outputs have rank <= D: the toy's reason for the MLP)."""
+    from tests.conftest import _tiny_model
+    lin, mlp = _tiny_model(), _tiny_model("model.pix_head_hidden=64")
+    assert isinstance(mlp.pix_head, torch.nn.Sequential) and mlp.pix_head[0].out_features == 64
+    h = torch.randn(500, 32)                                   # D = 32, a patch is 4*4*3 = 48 values
+    rank = lambda out: torch.linalg.matrix_rank(out - out.mean(0)).item()
+    with torch.no_grad():
+        assert rank(lin.pix_head(h)) <= 32 < rank(mlp.pix_head(h)) == 48
+
+
+@pytest.mark.parametrize("hidden", [0, 64])
+def test_gen_loss_hand_check_with_zero_pixel_head(tiny_model, hidden):
+    """At init the pixel head's last layer is zero (JiT), so x_pred = 0 and L_FM has a closed form."""
+    m = tiny_model(f"model.pix_head_hidden={hidden}", randomize_pix_head=False)
     b = _gen_batch()
     _, l_fm = m.gen_loss(b)
     x = patchify(b.images, 4)

@@ -58,3 +58,38 @@ def test_too_long_raises_clear_error():
     with pytest.raises(TokenizerError, match="6 bytes"):
         tok.encode("日本", max_len=5)
     assert issubclass(TokenizerError, ValueError)
+
+
+def test_word_tokens_round_trip_and_fall_back_to_bytes():
+    tok = ByteTokenizer(["red", "circle", "circles"])
+    ids = tok.encode("a red circles redder")
+    # "a" is no word: a byte; " red", " circles" (longest match, not " circle" + "s") are one token each;
+    # " redder" is " red" + "d" "e" "r"
+    assert ids[0] == ord("a") and tok.decode(ids[1:2]) == " red" and tok.decode(ids[2:3]) == " circles"
+    assert ids[3:] == [tok.encode(" red")[0], ord("d"), ord("e"), ord("r")]
+    assert len(ids) == 7
+    assert tok.decode(ids) == "a red circles redder"
+    assert tok.encode("red") != tok.encode(" red")[0:1] and len(tok.encode("red")) == 1   # with and without the space
+    for text in ["", "café ☕ 日本", "circlecircle", "  red  "]:
+        assert tok.decode(tok.encode(text)) == text
+    words = [i for i in ids if i >= 256]
+    assert all(not tok.is_special(i) for i in words) and all(i > tok.bop for i in words)
+    assert tok.is_special(tok.bos) and tok.is_special(tok.vocab_size - 1)
+    assert tok.vocab_size % 8 == 0 and tok.vocab_size >= 256 + len(SPECIALS) + 6
+    with pytest.raises(TokenizerError, match="3 tokens"):
+        tok.encode("red red red", max_len=2)
+
+
+def test_shapes_words_cover_every_text_of_the_world():
+    """With the toy's word list every word of every caption, question and answer is one token:
+    the tokens are the words plus the "?" or "." that ends a question."""
+    from nanorf.shapes import ShapesWorld
+    from nanorf.tokenizer import make_tokenizer
+    tok = make_tokenizer("bytes+shapes")
+    world = ShapesWorld(48, seed=3)
+    for i in range(300):
+        it = world[i]
+        for text in [it["caption"], *(t for qa in it["qa"] for t in qa)]:
+            ids = tok.encode(text)
+            assert tok.decode(ids) == text
+            assert len(ids) == len(text.split()) + text.endswith(("?", ".")), text

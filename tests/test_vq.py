@@ -156,6 +156,34 @@ def test_first_forward_initialises_from_features():
     assert torch.equal(vq2.prototypes, vq.prototypes)
 
 
+def test_farthest_point_init_covers_rare_clusters():
+    """The default init: k-centre greedy. A batch that is 97% one feature (the empty cells of
+    the shapes world) and 3% three rare, distinct ones: farthest points give every rare one a
+    prototype, and each chosen point is the one farthest from those chosen before it."""
+    from nanorf.vq import farthest_points
+    torch.manual_seed(0)
+    centres = F.normalize(torch.randn(4, 8), dim=1)
+    labels = torch.tensor([0] * 97 + [1, 2, 3])
+    z = F.normalize(centres[labels] + 0.01 * torch.randn(100, 8), dim=1)
+    for seed in range(5):
+        idx = farthest_points(z, 4, torch.Generator().manual_seed(seed))
+        assert sorted(labels[idx].tolist()) == [0, 1, 2, 3]
+        for i in range(2, 4):   # greedy: the i-th pick maximises the distance to the nearest earlier pick
+            gap = (1 - z @ z[idx[:i]].T).min(dim=1).values
+            assert gap[idx[i]] == pytest.approx(gap.max().item(), abs=1e-6)
+    # fewer distinct rows than k: each distinct row once, then draws with replacement
+    few = F.normalize(torch.randn(3, 8), dim=1).repeat(5, 1)                     # 15 rows, 3 distinct
+    idx = farthest_points(few, 6, torch.Generator().manual_seed(0))
+    assert len(idx) == 6 and len({tuple(few[i].tolist()) for i in idx[:3]}) == 3
+    # through OnlineVQ: "farthest" is the default, "random" the plain draw, anything else one error
+    vq = OnlineVQ(8, VQConfig(codebook_size=4)).eval()
+    vq(z)
+    assert sorted((vq.prototypes @ centres.T).argmax(1).tolist()) == [0, 1, 2, 3]
+    assert OnlineVQ(8, VQConfig(codebook_size=4, init="random")).init == "random"
+    with pytest.raises(ValueError, match="vq.init"):
+        OnlineVQ(8, VQConfig(init="kmeans"))
+
+
 # ---------------------------------------------------------------- no gradients
 
 def test_no_gradient_through_vq():
