@@ -5,7 +5,9 @@ Tiny shapes: image 16x16, pixel patch 4 (M = 16 patches of 48 values), ViT patch
 (V = 16 ViT tokens), rep grid 2 (N = 4 representation tokens), K = 16 codes,
 MoT width 32, 2 blocks, 2 heads. The command line (TINY_ARGS) runs the toy preset with the tiny
 widths on the 32x32 world these tests were written for (pixel patch 8, ViT patch 4, 2x2 pooling:
-4x4 rep tokens), whatever geometry the toy recipe itself uses.
+4x4 rep tokens, an MLP pixel head of width 32), whatever geometry the toy recipe itself uses.
+The tiny model keeps the linear pixel head (pix_head_hidden=0) that most hand checks assume;
+tests of the MLP head set it.
 """
 
 import json
@@ -24,14 +26,14 @@ TINY_ARGS = ["--config", "toy",
              "--set", "model.vit.dim=32", "--set", "model.vit.depth=1", "--set", "model.vit.heads=2",
              "--set", "model.vq.codebook_size=16", "--set", "model.sample.steps=2",
              "--set", "model.image_size=32", "--set", "model.patch_size=8",
-             "--set", "model.vit.patch_size=4", "--set", "model.vq.pool=2",
+             "--set", "model.vit.patch_size=4", "--set", "model.vq.pool=2", "--set", "model.pix_head_hidden=32",
              "--set", "train.batch_size=8", "--set", "train.und_batch_size=4", "--eval-per-kind", "0"]
 
 TINY = [
     "model.mot.dim=32", "model.mot.depth=2", "model.mot.heads=2",
     "model.vit.dim=32", "model.vit.depth=1", "model.vit.heads=2",
     "model.vq.codebook_size=16", "model.image_size=16", "model.patch_size=4",
-    "model.vit.patch_size=4", "model.vq.pool=2", "model.max_text_len=40",
+    "model.vit.patch_size=4", "model.vq.pool=2", "model.max_text_len=40", "model.pix_head_hidden=0",
 ]
 
 
@@ -155,6 +157,6 @@ def state_equal(a: dict, b: dict, atol: float = 0.0, what: str = ""):
     for k in a:
         if torch.is_tensor(a[k]):
             if a[k].dtype.is_floating_point:
-                torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=f"{what} {k} differs")
+                torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m: f"{what} {k} differs: {m}")
             else:
                 assert torch.equal(a[k], b[k]), f"{what} {k}"

@@ -175,11 +175,11 @@ def test_farthest_point_init_covers_rare_clusters():
     few = F.normalize(torch.randn(3, 8), dim=1).repeat(5, 1)                     # 15 rows, 3 distinct
     idx = farthest_points(few, 6, torch.Generator().manual_seed(0))
     assert len(idx) == 6 and len({tuple(few[i].tolist()) for i in idx[:3]}) == 3
-    # through OnlineVQ: "farthest" is the default, "random" the plain draw, anything else one error
-    vq = OnlineVQ(8, VQConfig(codebook_size=4)).eval()
+    # through OnlineVQ: init="farthest" uses it, "random" (the default) is the plain draw, anything else one error
+    vq = OnlineVQ(8, VQConfig(codebook_size=4, init="farthest")).eval()
     vq(z)
     assert sorted((vq.prototypes @ centres.T).argmax(1).tolist()) == [0, 1, 2, 3]
-    assert OnlineVQ(8, VQConfig(codebook_size=4, init="random")).init == "random"
+    assert OnlineVQ(8, VQConfig(codebook_size=4)).init == "random"
     with pytest.raises(ValueError, match="vq.init"):
         OnlineVQ(8, VQConfig(init="kmeans"))
 
