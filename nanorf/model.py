@@ -28,7 +28,8 @@ Heads: LM head over bytes (L_LM), K-way rep head (L_Rep), pixel head predicting 
 patch x (x-prediction, L_FM). The pixel head is linear, as JiT's final layer is; with
 `pix_head_hidden` > 0 it is a two-layer GELU MLP (our choice, for narrow models): a linear head
 from width D draws a patch of p*p*3 values from at most D directions, which is a limit for the
-toy's 128-wide trunk and 768-value patches but not for the paper's trunk, wider than its patches. L = L_LM + L_Rep + L_FM with unit weights; a Qwen3-MoE decoder
+toy's 128-wide trunk and 768-value patches but not for the paper's trunk, wider than its
+patches. L = L_LM + L_Rep + L_FM with unit weights; a Qwen3-MoE decoder
 adds its load-balancing loss, aux_loss_coef * L_aux (nanorf/moe.py).
 
 With a Qwen3 decoder (nanorf/pretrained.py, `load_qwen3`) the text is Qwen's BPE vocabulary

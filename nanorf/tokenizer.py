@@ -3,9 +3,10 @@
 The paper inherits Qwen3's BPE vocabulary with its decoder; nanorf's toy ships no vocabulary
 files, so text is UTF-8 bytes (ids 0-255), which handles any language and needs no
 download. A byte tokenizer can also carry a fixed word list (`ModelConfig.tokenizer =
-"bytes+shapes"`: the shapes world's 40-odd words): each word, with or without its leading space,
-is one token, and everything else stays bytes. That is what a BPE vocabulary does to such
-captions (Qwen3 writes " red" as one token), and it makes the toy's sequences 3-4x shorter. The special tokens mark the blocks of the two sequences (docs/method.md,
+"bytes+shapes"`: the shapes world's 42 words): each word, with or without its leading space, is
+one token, and everything else stays bytes. That is what a BPE vocabulary does to such captions
+(Qwen3 writes " red" as one token), and it makes the toy's texts 3-4x shorter. The special
+tokens mark the blocks of the two sequences (docs/method.md,
 "Sequences and the attention mask"):
 
     generation:     [BOS] prompt [BOR] r_1 ... r_N [BOP] p_1 ... p_M
@@ -52,7 +53,6 @@ class ByteTokenizer:
             setattr(self, name.strip("[]").lower(), self.n_bytes + i)  # self.pad, self.bos, ...
         first = self.n_bytes + len(SPECIALS)
         pieces = [p.encode("utf-8") for w in dict.fromkeys(words) for p in (w, " " + w) if len(p.encode("utf-8")) > 1]
-        self.words = tuple(words)
         self._piece = dict(zip(range(first, first + len(pieces)), pieces))      # id -> bytes
         self._id = {b: i for i, b in self._piece.items()}                       # bytes -> id
         self._longest = max(map(len, pieces), default=1)
