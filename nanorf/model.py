@@ -255,9 +255,13 @@ class RFModel(nn.Module):
         if self.rep is not None:
             self.rep.init_weights()
         # x-prediction head starts at x = 0 (JiT zero-inits its final layer)
-        last = self.pix_head[-1] if isinstance(self.pix_head, nn.Sequential) else self.pix_head
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        nn.init.zeros_(self.pix_out.weight)
+        nn.init.zeros_(self.pix_out.bias)
+
+    @property
+    def pix_out(self) -> nn.Linear:
+        """The pixel head's last (output) layer: the head itself, or its MLP's last Linear."""
+        return self.pix_head[-1] if isinstance(self.pix_head, nn.Sequential) else self.pix_head
 
     def new_parameters(self) -> list[nn.Parameter]:
         """The parameters the paper trains at x4 learning rate, "newly initialised generation

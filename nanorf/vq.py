@@ -46,10 +46,11 @@ Choices the paper leaves open:
         default because the toy has not yet trained better with it (one seed each, 1,600 steps):
         with the toy's encoder trained from scratch (EMA 0.999) the classes merged again within
         300 steps (64 -> 18 codes in use) and the run scored strict 0.104, against 0.228, 0.048
-        and 0.056 for "random" on seeds 0, 1 and 2; with the paper's encoder EMA 0.9999 all 19 contents
-        kept a code of their own to the end (52 codes in use), but the pixel block followed the
-        plan less (0.24 of a real plan's objects drawn in its cells against 0.59) and the run
-        scored strict 0.128. With that seed spread, neither run shows it is worse either.
+        and 0.056 for "random" on seeds 0, 1 and 2; with the paper's encoder EMA 0.9999 all 19
+        contents kept a code of their own to the end (52 codes in use), but the pixel block
+        followed the plan less (0.24 of a real plan's objects drawn in its cells against 0.59)
+        and the run scored strict 0.128. With that seed spread, neither run shows it is worse
+        either.
     Past M distinct features the rest are drawn with replacement. The noise separates duplicates
     (e.g. many identical background patches), which otherwise tie forever and the higher-index
     copy is never chosen. The `initialized` buffer is saved in checkpoints,

@@ -49,9 +49,8 @@ def _tiny_model(*extra: str, seed: int = 0, randomize_pix_head: bool = True):
     torch.manual_seed(seed)
     model = build_model(_tiny_config(*extra).model)
     if randomize_pix_head:
-        last = model.pix_head[-1] if isinstance(model.pix_head, torch.nn.Sequential) else model.pix_head
-        torch.nn.init.normal_(last.weight, std=0.2)
-        torch.nn.init.normal_(last.bias, std=0.2)
+        torch.nn.init.normal_(model.pix_out.weight, std=0.2)
+        torch.nn.init.normal_(model.pix_out.bias, std=0.2)
     return model.eval()
 
 
