@@ -25,7 +25,7 @@ step's global batch into target codes (one assignment and one codebook update pe
 forward and backward on every micro-batch or packed row (DDP's all-reduce or FSDP's
 reduce-scatter syncs gradients on the last one only); clip; every rank agrees whether the
 losses and the gradient norm are finite; if so, AdamW (0.9, 0.95, wd 0.1) with linear warmup
-then constant LR, then the target encoder's EMA and the sampling EMA of the whole model are
+then constant LR (and an optional linear warmdown), then the target encoder's EMA and the sampling EMA of the whole model are
 updated; if not, the step is skipped and the codebook put back as it was.
 `train.max_bad_steps` skipped steps in a row end the run (RunStopped) without touching the
 last checkpoint.
@@ -174,8 +174,12 @@ class ModelEMA:
 
 
 def lr_at(step: int, t) -> float:
-    """Linear warmup, then constant (docs/method.md, "Training recipe and stages")."""
-    return t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))
+    """Linear warmup, then constant (docs/method.md, "Training recipe and stages"); with
+    t.decay_frac > 0, a linear fall to 0 over the last decay_frac * max_steps steps."""
+    warm = min(1.0, (step + 1) / max(1, t.warmup_steps))
+    n_decay = round(t.decay_frac * t.max_steps)
+    cool = min(1.0, (t.max_steps - step) / n_decay) if n_decay > 0 else 1.0
+    return t.lr * min(warm, cool)
 
 
 def setup_distributed(device_arg, fsdp: bool = False):
@@ -434,6 +438,8 @@ def main(argv=None):
         out_dir = Path(args.out_dir or f"out/{cfg.name}")
         if cfg.train.keep < 0 or cfg.train.max_bad_steps < 1 or not 0 <= cfg.train.max_bad_fraction <= 1:
             raise ValueError("need --keep >= 0, train.max_bad_steps >= 1 and 0 <= train.max_bad_fraction <= 1")
+        if not 0 <= cfg.train.decay_frac <= 1:
+            raise ValueError(f"train.decay_frac {cfg.train.decay_frac} is outside 0..1")
         fsdp = cfg.train.fsdp
         if fsdp and "MASTER_ADDR" not in os.environ:
             raise ValueError("--fsdp shards over a process group: run it under torchrun "

@@ -118,6 +118,7 @@ class FlowConfig:
     """x-prediction flow matching, JiT convention, t = 1 clean (docs/method.md, "Losses and flow matching")."""
     p_mean: float = -0.8           # logit-normal time sampling (JiT default; paper silent)
     p_std: float = 0.8
+    p_uniform: float = 0.0         # share of times drawn uniform on (0, 1) instead (0 = JiT; flow.sample_t)
     t_eps: float = 0.05            # clamp on (1 - t) in v = (x - z)/(1 - t)
     noise_scale: float = 1.0       # std of the Gaussian noise (JiT: 1 at 256 px, 2 at 512 px)
 
@@ -224,6 +225,8 @@ class TrainConfig:
     new_param_lr_mult: float = 4.0  # paper: x4 LR on newly initialised generation parameters
     warmup_steps: int = 500
     max_steps: int = 50000
+    decay_frac: float = 0.0        # LR falls linearly to 0 over this share of max_steps at the end
+                                   # (nanoGPT/nanochat's warmdown; 0 = the paper's constant LR)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

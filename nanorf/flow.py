@@ -9,7 +9,8 @@ t = 0 is noise.
     L_FM = E || v_theta - v ||^2
 
 The paper is silent on what JiT fixes, so we take JiT's public defaults:
-t = sigmoid(N(p_mean, p_std)) with (-0.8, 0.8), and
+t = sigmoid(N(p_mean, p_std)) with (-0.8, 0.8), optionally mixed with a uniform share
+(FlowConfig.p_uniform, our addition; 0 is JiT), and
 (1 - t) clamped below at t_eps = 0.05 so the division never blows up near t = 1.
 
 Sampling (docs/method.md, "Sampling") integrates dz/dt = v from t = 0 to 1 over a time
@@ -25,9 +26,17 @@ import math
 import torch
 
 
-def sample_t(n: int, p_mean: float, p_std: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Logit-normal times in (0, 1): (n,)."""
-    return torch.sigmoid(torch.randn(n, generator=generator) * p_std + p_mean)
+def sample_t(n: int, p_mean: float, p_std: float, generator: torch.Generator | None = None,
+             p_uniform: float = 0.0) -> torch.Tensor:
+    """Logit-normal times in (0, 1): (n,). With p_uniform > 0, each time is instead drawn
+    uniform on (0, 1) with that probability, so the nearly clean end, which the logit-normal
+    almost never visits (P(t > 0.9) ~ 1e-4 at JiT's (-0.8, 0.8)), is trained too; the last
+    sampler step's x-prediction is made there. p_uniform = 0 draws exactly what it always did."""
+    t = torch.sigmoid(torch.randn(n, generator=generator) * p_std + p_mean)
+    if p_uniform > 0:
+        u = torch.rand(2, n, generator=generator)     # (which branch, the uniform time)
+        t = torch.where(u[0] < p_uniform, u[1], t)
+    return t
 
 
 def add_noise(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,7 @@ def validate(cfg: ModelConfig):
         (not cfg.repa_weight or cfg.patch_size % v.patch_size == 0 or v.patch_size % cfg.patch_size == 0,
          f"REPA needs patch_size {cfg.patch_size} and vit.patch_size {v.patch_size} to divide one another"),
         (0 <= cfg.repa_depth <= m.depth, f"repa_depth {cfg.repa_depth} is outside 0..{m.depth}"),
+        (0 <= cfg.flow.p_uniform <= 1, f"flow.p_uniform {cfg.flow.p_uniform} is outside 0..1"),
     ]
     for ok, msg in checks:
         if not ok:

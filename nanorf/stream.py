@@ -101,7 +101,7 @@ class Stream:
         m, model = self.cfg.model, self.model
         B = self.cfg.train.batch_size
         g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + step)
-        d = StepDraws(t=sample_t(B, m.flow.p_mean, m.flow.p_std, g),
+        d = StepDraws(t=sample_t(B, m.flow.p_mean, m.flow.p_std, g, m.flow.p_uniform),
                       eps=torch.randn(B, model.n_pix, m.patch_size ** 2 * 3, generator=g) * m.flow.noise_scale,
                       drop_text=torch.rand(B, generator=g) < m.p_drop_text,
                       drop_rep=torch.rand(B, generator=g) < m.p_drop_rep,

@@ -73,6 +73,21 @@ def test_sample_t_is_logit_normal():
     assert logit2.std().item() == pytest.approx(1.5, abs=0.02)
 
 
+def test_sample_t_uniform_share():
+    """p_uniform = 0 is the plain logit-normal draw for draw (resume and old runs depend on
+    the stream); p_uniform = 0.3 puts 0.3 * 0.1 of the times above 0.9, where the
+    logit-normal (-0.8, 0.8) puts ~1e-4."""
+    g = lambda: torch.Generator().manual_seed(3)
+    assert torch.equal(sample_t(1000, -0.8, 0.8, g(), 0.0), sample_t(1000, -0.8, 0.8, g()))
+    plain, mixed = sample_t(200_000, -0.8, 0.8, g()), sample_t(200_000, -0.8, 0.8, g(), 0.3)
+    assert (plain > 0.9).float().mean().item() < 1e-3
+    assert (mixed > 0.9).float().mean().item() == pytest.approx(0.03, abs=0.002)
+    assert mixed.mean().item() == pytest.approx(0.7 * plain.mean().item() + 0.3 * 0.5, abs=0.003)
+    uni = sample_t(200_000, -0.8, 0.8, g(), 1.0)
+    assert uni.mean().item() == pytest.approx(0.5, abs=0.003)
+    assert uni.std().item() == pytest.approx(12 ** -0.5, abs=0.003)
+
+
 def test_time_grid():
     assert torch.allclose(time_grid(5, 1.0), torch.linspace(0, 1, 6))
     for s in (1.0, 3.0, 0.5):

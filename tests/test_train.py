@@ -200,6 +200,8 @@ def test_resume_with_other_model_config_fails_cleanly(tmp_path, capsys):
     (["--data", "MISSING"], "MISSING"),
     (["--keep", "-1"], "--keep"),
     (["--set", "train.max_bad_steps=0"], "max_bad_steps"),
+    (["--set", "model.flow.p_uniform=1.5"], "p_uniform"),
+    (["--set", "train.decay_frac=-0.1"], "decay_frac"),
 ])
 def test_bad_arguments_fail_with_one_line(tmp_path, capsys, args, words):
     out = tmp_path / "out"
@@ -280,3 +282,13 @@ def test_checkpoint_has_normal_file_permissions(tmp_path):
     out = tmp_path / "run"
     run_train(out, "--max-steps", "1")
     assert (out / "ckpt.pt").stat().st_mode & 0o777 == (out / "log.jsonl").stat().st_mode & 0o777
+
+
+def test_lr_schedule_warmup_constant_warmdown():
+    """Hand values: lr 1.0, 4 warmup steps, 20 steps, the last 0.25 * 20 = 5 fall linearly to 0."""
+    from nanorf.config import TrainConfig
+    t = TrainConfig(lr=1.0, warmup_steps=4, max_steps=20, decay_frac=0.25)
+    assert [train.lr_at(s, t) for s in range(20)] == pytest.approx(
+        [0.25, 0.5, 0.75] + [1.0] * 12 + [1.0, 0.8, 0.6, 0.4, 0.2])
+    t.decay_frac = 0.0  # the paper's constant LR after warmup
+    assert [train.lr_at(s, t) for s in (3, 19)] == [1.0, 1.0]
