@@ -25,8 +25,9 @@ step's global batch into target codes (one assignment and one codebook update pe
 forward and backward on every micro-batch or packed row (DDP's all-reduce or FSDP's
 reduce-scatter syncs gradients on the last one only); clip; every rank agrees whether the
 losses and the gradient norm are finite; if so, AdamW (0.9, 0.95, wd 0.1) with linear warmup
-then constant LR (and an optional linear warmdown), then the target encoder's EMA and the sampling EMA of the whole model are
-updated; if not, the step is skipped and the codebook put back as it was.
+then constant LR (and an optional linear warmdown), then the target encoder's EMA and the
+sampling EMA of the whole model are updated; if not, the step is skipped and the codebook put
+back as it was.
 `train.max_bad_steps` skipped steps in a row end the run (RunStopped) without touching the
 last checkpoint.
 """

@@ -324,8 +324,8 @@ def _toy() -> Config:
     #  * Measured and dropped: 8-px pixel patches with a linear head and word tokens (0.79 s/step,
     #    1,100 steps in the same time: strict 0.164, 10.5 extras per image); a fifth of the flow
     #    times drawn uniform (flow.p_uniform 0.2, to train the clean end: strict 0.228, 6.1
-    #    extras, the same as without); p_mean 0 / p_std 1 for the flow time (strict 0.000 with the old
-    #    recipe: the noisy end composes the picture, so JiT's (-0.8, 0.8) stays); sampler
+    #    extras, the same as without); p_mean 0 / p_std 1 for the flow time (strict 0.000 with
+    #    the old recipe: the noisy end composes the picture, so JiT's (-0.8, 0.8) stays); sampler
     #    settings (CFG 1-5, 50 steps, Heun, rep CFG and temperature: strict 0.08-0.14 on the old
     #    quickstart checkpoint, against 0.13 as sampled).
     return Config(
