@@ -160,8 +160,9 @@ def test_rep_cfg_changes_the_choice():
 
 # ---- pixels --------------------------------------------------------------------------------
 
-def _z0(seed, B=1):
-    return torch.randn(B, 16, 48, generator=torch.Generator().manual_seed(seed))   # noise_scale 1
+def _z0(m, seed, B=1):
+    """The sampler's starting noise for generator seed `seed`, at the model's noise scale."""
+    return torch.randn(B, 16, 48, generator=torch.Generator().manual_seed(seed)) * m.cfg.flow.noise_scale
 
 
 def test_sample_pixels_shape_and_range(tiny_model):
@@ -178,7 +179,7 @@ def test_sample_pixels_one_euler_step_by_hand(tiny_model):
     m = tiny_model()
     codes = torch.tensor([[1, 5, 9, 3]])
     got = sample_pixels(m, [[65, 66]], codes, S(steps=1, cfg_pix=1.0, shift=1.0), generator=torch.Generator().manual_seed(5))
-    z0 = _z0(5)
+    z0 = _z0(m, 5)
     x = m.gen_forward([[65, 66]], codes, z0, torch.tensor([0.0])).x_pred
     z1 = z0 + 1.0 * (x - z0) / 1.0            # t: 0 -> 1, v = (x - z) / (1 - 0)
     assert torch.allclose(got, unpatchify(z1, 4, 4, 4).clamp(-1, 1), atol=1e-5)
@@ -188,7 +189,7 @@ def test_sample_pixels_two_steps_by_hand(tiny_model):
     m = tiny_model()
     codes = torch.tensor([[1, 5, 9, 3]])
     got = sample_pixels(m, [[65]], codes, S(steps=2, cfg_pix=1.0, shift=1.0), generator=torch.Generator().manual_seed(6))
-    z0 = _z0(6)
+    z0 = _z0(m, 6)
     x0 = m.gen_forward([[65]], codes, z0, torch.tensor([0.0])).x_pred
     z1 = z0 + 0.5 * (x0 - z0)                 # grid [0, 0.5, 1]
     x1 = m.gen_forward([[65]], codes, z1, torch.tensor([0.5])).x_pred
@@ -200,7 +201,7 @@ def test_sample_pixels_cfg_by_hand(tiny_model):
     m = tiny_model()
     codes = torch.tensor([[1, 5, 9, 3]])
     got = sample_pixels(m, [[65, 66]], codes, S(steps=1, cfg_pix=3.0, shift=1.0), generator=torch.Generator().manual_seed(5))
-    z0 = _z0(5)
+    z0 = _z0(m, 5)
     t = torch.tensor([0.0])
     xc = m.gen_forward([[65, 66]], codes, z0, t).x_pred
     xu = m.gen_forward([[]], codes, z0, t, drop_rep=torch.tensor([True])).x_pred   # prompt and reps dropped
