@@ -411,7 +411,10 @@ def final_report(cfg: Config, out_dir: Path, ema_model: RFModel, log=print) -> d
     if n <= 0 or cfg.train.data:
         return {}
     t0 = time.time()
-    s = generation_score(ema_model, n_per_kind=n, seed=cfg.train.seed)
+    # the sampling seed is part of the evaluation, not of the run: every run is scored on the
+    # same noise as `python -m nanorf.eval` (its --seed 0), so the two report the same numbers
+    # and runs of different training seeds differ only by their models
+    s = generation_score(ema_model, n_per_kind=n, seed=0)
     k = min(16, len(s["prompts"]))
     save_grid(s["images"][:k], out_dir / "samples.png", scale=max(1, 128 // cfg.model.image_size))
     (out_dir / "samples.txt").write_text("".join(p + "\n" for p in s["prompts"][:k]))

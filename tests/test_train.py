@@ -40,6 +40,20 @@ def run_train(out_dir, *args):
 
 # ---------------------------------------------------------------------------------------------
 
+def test_end_of_run_score_equals_nanorf_eval(tmp_path):
+    """The score train.py writes is the one `python -m nanorf.eval` gives the same checkpoint,
+    whatever the training seed (the sampling seed belongs to the evaluation)."""
+    from nanorf.eval import main as eval_main
+    out = tmp_path / "run"
+    # a few large steps, so the pictures depend on the sampling noise (at init x_theta = 0)
+    run_train(out, "--seed", "1", "--max-steps", "4", "--eval-per-kind", "2", "--lr", "0.01", "--set", "train.warmup_steps=1")
+    eval_main(["--ckpt", str(out / "ckpt.pt"), "--n-per-kind", "2", "--n-images", "4", "--json", str(tmp_path / "e.json")])
+    want = json.loads((tmp_path / "e.json").read_text())
+    got = json.loads((out / "score.json").read_text())
+    assert got["generation"] == {k: round(v, 4) for k, v in want["generation"].items()}
+    assert got["understanding"] == {k: round(v, 4) for k, v in want["understanding"].items()}
+
+
 def test_train_cli_then_sample_end_to_end(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--eval-per-kind", "1",
