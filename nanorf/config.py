@@ -320,7 +320,7 @@ def _toy() -> Config:
     #    layout through weak noise, so at scale 1 the pixels could read the layout off z_t and had
     #    little reason to read the plan. At scale 1 RF scored 0.228 / 0.048 / 0.056 (seeds 0-2),
     #    and seed 1's pixel block ignored its plan (plan-swap 0.250 with it, 0.237 without); at
-    #    scale 2 seed 1 scored 0.228 and followed its plan (0.658 against 0.171), seed 0 0.244.
+    #    scale 2 seed 1 scored 0.240 and followed its plan (0.658 against 0.171), seed 0 0.244.
     #    Scale 3, seed 0: strict 0.244 again, plan-swap 0.566 against 0.118; 2 stays.
     #  * Measured and dropped: 8-px pixel patches with a linear head and word tokens (0.79 s/step,
     #    1,100 steps in the same time: strict 0.164, 10.5 extras per image); a fifth of the flow
