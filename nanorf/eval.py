@@ -216,6 +216,10 @@ def main(argv=None):
     p.add_argument("--n-images", type=int, default=100, help="held-out images for understanding (default 100)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA weights")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the checkpoint's sampling settings)")
+    p.add_argument("--cfg-pix", type=float, default=None, help="pixel guidance w_pix (default: the checkpoint's; 1 = off)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("T0", "T1"),
+                   help="apply pixel guidance only for t in [T0, T1] (t = 1 is clean; default: the checkpoint's)")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="print the scores as one JSON object instead of tables; --json FILE writes it there "
                         "and prints the tables")
@@ -228,17 +232,21 @@ def main(argv=None):
     except CheckpointError as e:
         print(f"nanorf.eval: error: {e}", file=sys.stderr)
         sys.exit(2)
-    g = generation_score(model, n_per_kind=args.n_per_kind, seed=args.seed)
+    sampling = {k: v for k, v in (("steps", args.steps), ("cfg_pix", args.cfg_pix),
+                                  ("cfg_interval", tuple(args.cfg_interval) if args.cfg_interval else None)) if v is not None}
+    g = generation_score(model, n_per_kind=args.n_per_kind, seed=args.seed, **sampling)
     gen = {k: v for k, v in g.items() if k not in ("images", "prompts")}
     und = understanding_score(model, n_images=args.n_images)
-    result = json.dumps({"ckpt": args.ckpt, "step": step, "rf": cfg.model.rf, "generation": gen, "understanding": und})
+    result = json.dumps({"ckpt": args.ckpt, "step": step, "rf": cfg.model.rf, "sampling": sampling,
+                         "generation": gen, "understanding": und})
     if args.json == "-":
         print(result)
         return
     if args.json:
         Path(args.json).write_text(result + "\n")
     print(f"{args.ckpt} (step {step}, rf={cfg.model.rf}): {gen['n']} held-out prompts ({args.n_per_kind} per kind), "
-          f"{und['n_images']} held-out images ({und['n_questions']} questions)")
+          f"{und['n_images']} held-out images ({und['n_questions']} questions)"
+          + (f"; sampling {sampling}" if sampling else ""))
     cols = [*KINDS, "overall"]
     print("| generation | " + " | ".join(cols) + " | extra objects per image |")
     print("|---|" + "---|" * (len(cols) + 1))

@@ -52,6 +52,15 @@ def test_end_of_run_score_equals_nanorf_eval(tmp_path):
     got = json.loads((out / "score.json").read_text())
     assert got["generation"] == {k: round(v, 4) for k, v in want["generation"].items()}
     assert got["understanding"] == {k: round(v, 4) for k, v in want["understanding"].items()}
+    # the sampler flags reach the sampler: the same numbers as generation_score with those settings
+    from nanorf.eval import generation_score
+    eval_main(["--ckpt", str(out / "ckpt.pt"), "--n-per-kind", "2", "--n-images", "4", "--json", str(tmp_path / "f.json"),
+               "--cfg-pix", "1.5", "--cfg-interval", "0", "0.5", "--steps", "3"])
+    flags = json.loads((tmp_path / "f.json").read_text())
+    assert flags["sampling"] == {"steps": 3, "cfg_pix": 1.5, "cfg_interval": [0.0, 0.5]}
+    ref = generation_score(load_model(out / "ckpt.pt")[0], n_per_kind=2, seed=0, steps=3, cfg_pix=1.5, cfg_interval=(0.0, 0.5))
+    assert flags["generation"] == {k: v for k, v in ref.items() if k not in ("images", "prompts")}
+    assert flags["generation"]["extras"] != want["generation"]["extras"]    # other settings, other pictures
 
 
 def test_train_cli_then_sample_end_to_end(tmp_path):
