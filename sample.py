@@ -26,6 +26,7 @@ import torch
 
 
 def parse_args(argv=None):
+    from nanorf.sampler import add_sampling_args
     p = argparse.ArgumentParser(description="Sample from a nanorf checkpoint.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py: out/toy/ckpt.pt, an --fsdp run's ckpt.dcp "
                         "folder, or the run's out-dir (its newest)")
@@ -43,18 +44,7 @@ def parse_args(argv=None):
                    help="image size to paint, height x width in pixels (e.g. 48x64); any multiple of the "
                         "model's patch x pool works (default: the config's square canvas)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the config's, 25)")
-    p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver")
-    p.add_argument("--cfg-pix", type=float, default=None, help="pixel guidance w_pix (paper 3.0; 1 = off)")
-    p.add_argument("--cfg-rep", type=float, default=None, help="rep-token logit guidance w_rep (paper 2.0; 1 = off)")
-    p.add_argument("--cfg-mode", choices=("joint", "split", "norep"), default=None,
-                   help="pixel guidance formula: joint (paper), split (separate weight for the rep plan), "
-                        "or norep (rep tokens hidden from the pixels, a diagnostic)")
-    p.add_argument("--cfg-pix-rep", type=float, default=None, help="with --cfg-mode split: weight of the rep plan")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("T0", "T1"),
-                   help="apply pixel guidance only for t in [T0, T1] (t = 1 is clean)")
-    p.add_argument("--top-k", type=int, default=None, help="rep-token top-k (0 = all codes)")
-    p.add_argument("--temperature", type=float, default=None, help="rep-token temperature")
+    add_sampling_args(p)
     p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="use the uncached reference sampler (slow; for checking the fast path)")
@@ -114,7 +104,7 @@ def main(argv=None):
     args = parse_args(argv)
     from nanorf.checkpoint import CheckpointError, load_checkpoint, load_model
     from nanorf.patches import images_to_tensor, tensor_to_images
-    from nanorf.sampler import answer, save_grid, text_to_image
+    from nanorf.sampler import answer, sampling_overrides, save_grid, text_to_image
     from nanorf.tokenizer import TokenizerError
 
     if args.prompt is not None and not args.out:
@@ -150,11 +140,7 @@ def main(argv=None):
             fail(str(e))
         return
 
-    overrides = {k: v for k, v in (("steps", args.steps), ("solver", args.solver), ("cfg_pix", args.cfg_pix),
-                                   ("cfg_rep", args.cfg_rep), ("top_k", args.top_k), ("cfg_mode", args.cfg_mode),
-                                   ("cfg_pix_rep", args.cfg_pix_rep),
-                                   ("cfg_interval", tuple(args.cfg_interval) if args.cfg_interval else None),
-                                   ("temperature", args.temperature)) if v is not None}
+    overrides = sampling_overrides(args)
     for p in prompts:  # check every prompt before sampling any
         try:
             model.tok.encode(p, cfg.model.max_text_len)

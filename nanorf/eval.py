@@ -45,7 +45,7 @@ import torch
 from .data import COLORS, KINDS, POSITIONS, QUESTION_KINDS, Prompt, ShapesWorld, held_out_prompts, holds, \
     palette_index, parse_caption, question_kind
 from .patches import images_to_tensor, tensor_to_images
-from .sampler import answer, text_to_image
+from .sampler import add_sampling_args, answer, sampling_overrides, text_to_image
 
 MIN_PIXELS = 1         # components this small or larger are objects: strict, every component counts
 # The shape thresholds sit between the classes as measured on clean renders at 32 px, where they
@@ -216,10 +216,7 @@ def main(argv=None):
     p.add_argument("--n-images", type=int, default=100, help="held-out images for understanding (default 100)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA weights")
-    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the checkpoint's sampling settings)")
-    p.add_argument("--cfg-pix", type=float, default=None, help="pixel guidance w_pix (default: the checkpoint's; 1 = off)")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("T0", "T1"),
-                   help="apply pixel guidance only for t in [T0, T1] (t = 1 is clean; default: the checkpoint's)")
+    add_sampling_args(p)  # each overrides the checkpoint's own sampling setting
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="print the scores as one JSON object instead of tables; --json FILE writes it there "
                         "and prints the tables")
@@ -232,8 +229,7 @@ def main(argv=None):
     except CheckpointError as e:
         print(f"nanorf.eval: error: {e}", file=sys.stderr)
         sys.exit(2)
-    sampling = {k: v for k, v in (("steps", args.steps), ("cfg_pix", args.cfg_pix),
-                                  ("cfg_interval", tuple(args.cfg_interval) if args.cfg_interval else None)) if v is not None}
+    sampling = sampling_overrides(args)
     g = generation_score(model, n_per_kind=args.n_per_kind, seed=args.seed, **sampling)
     gen = {k: v for k, v in g.items() if k not in ("images", "prompts")}
     und = understanding_score(model, n_images=args.n_images)

@@ -96,6 +96,32 @@ def guide(v: torch.Tensor, n: int, t: float, s: SamplingSettings) -> torch.Tenso
     return v_u + w_r * (v_r - v_u) + w * (v_c - v_r)
 
 
+def add_sampling_args(p) -> None:
+    """The command-line flags of sample.py and nanorf.eval that override the checkpoint's
+    SamplingSettings, one field each; a flag left unset keeps the checkpoint's value."""
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the config's, 25)")
+    p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver")
+    p.add_argument("--cfg-pix", type=float, default=None, help="pixel guidance w_pix (paper 3.0; 1 = off)")
+    p.add_argument("--cfg-rep", type=float, default=None, help="rep-token logit guidance w_rep (paper 2.0; 1 = off)")
+    p.add_argument("--cfg-mode", choices=("joint", "split", "norep"), default=None,
+                   help="pixel guidance formula: joint (paper), split (separate weight for the rep plan), "
+                        "or norep (rep tokens hidden from the pixels, a diagnostic)")
+    p.add_argument("--cfg-pix-rep", type=float, default=None, help="with --cfg-mode split: weight of the rep plan")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("T0", "T1"),
+                   help="apply pixel guidance only for t in [T0, T1] (t = 1 is clean)")
+    p.add_argument("--top-k", type=int, default=None, help="rep-token top-k (0 = all codes)")
+    p.add_argument("--temperature", type=float, default=None, help="rep-token temperature")
+
+
+def sampling_overrides(args) -> dict:
+    """The SamplingSettings fields set by add_sampling_args' flags: {field: value}."""
+    vals = {"steps": args.steps, "solver": args.solver, "cfg_pix": args.cfg_pix, "cfg_rep": args.cfg_rep,
+            "cfg_mode": args.cfg_mode, "cfg_pix_rep": args.cfg_pix_rep, "top_k": args.top_k,
+            "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None,
+            "temperature": args.temperature}
+    return {k: v for k, v in vals.items() if v is not None}
+
+
 def integrate(model: RFModel, v_fn, B: int, s: SamplingSettings, generator=None,
               size: tuple[int, int] | None = None) -> torch.Tensor:
     """The pixel ODE of both paths: noise z (B, M, p*p*3) at t = 0, `s.steps` steps of
