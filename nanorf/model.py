@@ -235,7 +235,10 @@ class RFModel(nn.Module):
         self.t_emb = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.register_buffer("pix_pos", sincos_2d(*g.pix, D), persistent=False)
         h = cfg.pix_head_hidden
-        self.pix_head = nn.Sequential(nn.Linear(D, h), nn.GELU(), nn.Linear(h, p * p * 3)) if h else nn.Linear(D, p * p * 3)
+        head = [nn.Linear(D, h), nn.GELU(), nn.Linear(h, p * p * 3)] if h else [nn.Linear(D, p * p * 3)]
+        # tanh bounds x-prediction to the pixels' range [-1, 1] (our choice, for the toy)
+        head += [nn.Tanh()] if cfg.pix_head_tanh else []
+        self.pix_head = nn.Sequential(*head) if len(head) > 1 else head[0]
         self.mot = MoT(cfg.mot)
         self._init_weights()
 
@@ -261,8 +264,10 @@ class RFModel(nn.Module):
 
     @property
     def pix_out(self) -> nn.Linear:
-        """The pixel head's last (output) layer: the head itself, or its MLP's last Linear."""
-        return self.pix_head[-1] if isinstance(self.pix_head, nn.Sequential) else self.pix_head
+        """The pixel head's last Linear layer: the head itself, or the last Linear of its MLP."""
+        if isinstance(self.pix_head, nn.Linear):
+            return self.pix_head
+        return [m for m in self.pix_head if isinstance(m, nn.Linear)][-1]
 
     def new_parameters(self) -> list[nn.Parameter]:
         """The parameters the paper trains at x4 learning rate, "newly initialised generation

@@ -35,6 +35,13 @@ def test_cached_sampling_equals_reference(tiny_model, rf, guidance, prompts):
     assert not torch.allclose(a, c, atol=1e-3)
 
 
+def test_cached_sampling_equals_reference_with_tanh_head(tiny_model):
+    m = tiny_model("model.pix_head_tanh=true")
+    a, ca = text_to_image(m, PROMPTS, torch.Generator().manual_seed(3), kv_cache=True, steps=4)
+    b, cb = text_to_image(m, PROMPTS, torch.Generator().manual_seed(3), kv_cache=False, steps=4)
+    assert torch.equal(ca, cb) and torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
 def test_cached_diffusion_step_equals_full_forward(tiny_model):
     """One ODE evaluation against the cached prefix equals gen_forward over the whole sequence,
     for the cond rows and for the uncond rows with the rep sequence hidden."""

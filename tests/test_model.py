@@ -172,6 +172,27 @@ def test_mlp_pixel_head_escapes_the_linear_heads_rank():
 
 
 @pytest.mark.parametrize("hidden", [0, 64])
+def test_tanh_pixel_head_is_tanh_of_the_plain_head(hidden):
+    """pix_head_tanh adds only the tanh: the same weights give x_pred = tanh(plain x_pred),
+    inside [-1, 1] where the plain head's outputs are not."""
+    from tests.conftest import _tiny_model
+    plain = _tiny_model(f"model.pix_head_hidden={hidden}")
+    bounded = _tiny_model(f"model.pix_head_hidden={hidden}", "model.pix_head_tanh=true")
+    torch.nn.init.normal_(plain.pix_out.weight, std=2.0)   # outputs well beyond [-1, 1]
+    linears = lambda m: [l for l in m.pix_head.modules() if isinstance(l, torch.nn.Linear)]
+    bounded.load_state_dict({k: v for k, v in plain.state_dict().items() if not k.startswith("pix_head")}, strict=False)
+    for src, dst in zip(linears(plain), linears(bounded), strict=True):
+        dst.load_state_dict(src.state_dict())
+    b = _gen_batch()
+    z = torch.randn(2, plain.n_pix, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = plain.gen_forward(b.prompts, b.targets, z, b.t).x_pred
+        c = bounded.gen_forward(b.prompts, b.targets, z, b.t).x_pred
+    assert a.abs().max() > 1.5
+    assert torch.allclose(c, torch.tanh(a), atol=1e-6)
+
+
+@pytest.mark.parametrize("hidden", [0, 64])
 def test_gen_loss_hand_check_with_zero_pixel_head(tiny_model, hidden):
     """At init the pixel head's last layer is zero (JiT), so x_pred = 0 and L_FM has a closed form."""
     m = tiny_model(f"model.pix_head_hidden={hidden}", randomize_pix_head=False)
