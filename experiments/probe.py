@@ -1,6 +1,7 @@
 """What the representation tokens carry, and what the pixel block does with them.
 
     python -m experiments.probe --ckpt out/ablate/rf-s0/ckpt.pt [--n 64] [--json probe.json]
+    python -m experiments.probe --ckpt out/toy/ckpt.pt --cfg-interval 0 0.5   # sample.py's sampler flags
 
 RF's claim (docs/method.md, "Ablations (Table 3)"; the paper's Table 3a) is that the rep tokens plan the picture and the pixel
 block follows the plan. When a checkpoint falls short, this says which half fails:
@@ -44,7 +45,7 @@ import torch
 from nanorf.data import KINDS, draw_scene, held_out_prompts, render
 from nanorf.eval import detect, score_images
 from nanorf.patches import images_to_tensor, tensor_to_images
-from nanorf.sampler import draw_plan, sample_pixels, text_to_image
+from nanorf.sampler import add_sampling_args, draw_plan, sample_pixels, sampling_overrides, text_to_image
 from nanorf.targets import RepresentationTargets, targets_from_checkpoint
 from nanorf.vq import codebook_stats
 
@@ -124,6 +125,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=64, help="held-out prompts (and their real renders) to use")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--json", help="also write the results to this JSON file")
+    add_sampling_args(p)  # each overrides the checkpoint's own sampling setting, on every row
     args = p.parse_args(argv)
     from nanorf.checkpoint import CheckpointError, load_checkpoint, load_model
     try:
@@ -135,8 +137,11 @@ def main(argv=None):
         print(f"experiments.probe: error: {e}", file=sys.stderr)
         sys.exit(2)
     targets = targets_from_checkpoint(ck, cfg.model, model.vit)
+    sampling = sampling_overrides(args)
+    model.cfg.sample = replace(model.cfg.sample, **sampling)   # every row samples with the same settings
     r = probe(model, targets, args.n, args.seed)
-    print(f"{args.ckpt} (step {step}): {args.n} held-out prompts and their real renders")
+    print(f"{args.ckpt} (step {step}): {args.n} held-out prompts and their real renders"
+          + (f"; sampling {sampling}" if sampling else ""))
     print("| images scored | " + " | ".join(KEYS) + " |")
     print("|---|" + "---|" * len(KEYS))
     for name, v in r.items():
@@ -152,7 +157,7 @@ def main(argv=None):
               f"{ps['plan_following_with_real_plan']:.3f} with its plan, {ps['plan_following_no_plan']:.3f} with none")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"ckpt": args.ckpt, "step": step, **r}, f, indent=1)
+            json.dump({"ckpt": args.ckpt, "step": step, "sampling": sampling, **r}, f, indent=1)
 
 
 if __name__ == "__main__":

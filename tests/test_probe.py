@@ -79,3 +79,31 @@ def test_probe_runs_on_a_tiny_model(tiny_model, tiny_config):
     assert 1 <= r["codebook_real"]["codes_used"] <= 16
     ps = r["plan_swap"]
     assert ps["n"] == 5 and 0 <= ps["plan_following_with_real_plan"] <= 1 and 0 <= ps["plan_following_no_plan"] <= 1
+
+
+def test_probe_cli_samples_every_row_with_the_sampler_flags(ckpt, tmp_path, monkeypatch):
+    """--steps / --cfg-interval (sample.py's flags) become the settings every row samples with
+    (probe reads model.cfg.sample throughout) and are recorded in the JSON; the sampled-reps
+    row equals nanorf.eval's scorer on text_to_image with the same overrides."""
+    import json
+    import experiments.probe as probe_mod
+    from nanorf.checkpoint import load_model
+    seen = {}
+
+    def spy(model, *a, **k):
+        seen["sample"] = model.cfg.sample
+        return probe(model, *a, **k)
+
+    monkeypatch.setattr(probe_mod, "probe", spy)
+    probe_mod.main(["--ckpt", str(ckpt), "--n", "5", "--steps", "2", "--cfg-interval", "0", "0.5",
+                    "--json", str(tmp_path / "p.json")])
+    m = load_model(ckpt)[0]
+    assert (m.cfg.sample.steps, m.cfg.sample.cfg_interval) != (2, (0.0, 0.5))      # the checkpoint's own
+    assert (seen["sample"].steps, seen["sample"].cfg_interval) == (2, (0.0, 0.5))
+    r = json.loads((tmp_path / "p.json").read_text())
+    assert r["sampling"] == {"steps": 2, "cfg_interval": [0.0, 0.5]}
+    held = held_out_prompts(1)
+    x, _ = text_to_image(m, [p.text for p in held], torch.Generator().manual_seed(0), steps=2, cfg_interval=(0.0, 0.5))
+    want = score_images(tensor_to_images(x), held)
+    for k in ("overall", "extras"):
+        assert r["pixels_given_sampled_reps"][k] == pytest.approx(want[k], abs=1e-4)
