@@ -29,7 +29,9 @@ patch x (x-prediction, L_FM). The pixel head is linear, as JiT's final layer is;
 `pix_head_hidden` > 0 it is a two-layer GELU MLP (our choice, for narrow models): a linear head
 from width D draws a patch of p*p*3 values from at most D directions, which is a limit for the
 toy's 128-wide trunk and 768-value patches but not for the paper's trunk, wider than its
-patches. L = L_LM + L_Rep + L_FM with unit weights; a Qwen3-MoE decoder
+patches. With `pix_head_tanh` its output goes through tanh (TanhLinear; our choice, for the
+toy): a bounded x-prediction saturates at the flat colours and the black background, where a
+linear output leaves soft object edges (README, "Results on the toy"). L = L_LM + L_Rep + L_FM with unit weights; a Qwen3-MoE decoder
 adds its load-balancing loss, aux_loss_coef * L_aux (nanorf/moe.py).
 
 With a Qwen3 decoder (nanorf/pretrained.py, `load_qwen3`) the text is Qwen's BPE vocabulary
@@ -68,6 +70,15 @@ from .mot import MoT, PAD, PIX, REP, UND, attention_mask
 from .patches import patchify, resize_grid_table, sincos_2d
 from .tokenizer import make_tokenizer
 from .vit import ViT, Connector
+
+
+class TanhLinear(nn.Linear):
+    """A Linear layer whose outputs go through tanh: the x-prediction head with
+    `pix_head_tanh`, bounded to the pixels' range (-1, 1) (our choice, for narrow models;
+    JiT's head is linear). A subclass, so the state-dict keys are the plain head's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(super().forward(x))
 
 
 def validate(cfg: ModelConfig):
@@ -235,10 +246,8 @@ class RFModel(nn.Module):
         self.t_emb = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.register_buffer("pix_pos", sincos_2d(*g.pix, D), persistent=False)
         h = cfg.pix_head_hidden
-        head = [nn.Linear(D, h), nn.GELU(), nn.Linear(h, p * p * 3)] if h else [nn.Linear(D, p * p * 3)]
-        # tanh bounds x-prediction to the pixels' range [-1, 1] (our choice, for the toy)
-        head += [nn.Tanh()] if cfg.pix_head_tanh else []
-        self.pix_head = nn.Sequential(*head) if len(head) > 1 else head[0]
+        out = TanhLinear if cfg.pix_head_tanh else nn.Linear
+        self.pix_head = nn.Sequential(nn.Linear(D, h), nn.GELU(), out(h, p * p * 3)) if h else out(D, p * p * 3)
         self.mot = MoT(cfg.mot)
         self._init_weights()
 
@@ -264,10 +273,8 @@ class RFModel(nn.Module):
 
     @property
     def pix_out(self) -> nn.Linear:
-        """The pixel head's last Linear layer: the head itself, or the last Linear of its MLP."""
-        if isinstance(self.pix_head, nn.Linear):
-            return self.pix_head
-        return [m for m in self.pix_head if isinstance(m, nn.Linear)][-1]
+        """The pixel head's last (output) layer: the head itself, or its MLP's last Linear."""
+        return self.pix_head[-1] if isinstance(self.pix_head, nn.Sequential) else self.pix_head
 
     def new_parameters(self) -> list[nn.Parameter]:
         """The parameters the paper trains at x4 learning rate, "newly initialised generation

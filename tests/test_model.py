@@ -163,7 +163,8 @@ def test_mlp_pixel_head_escapes_the_linear_heads_rank():
     """pix_head_hidden > 0: a GELU MLP whose outputs span more than the trunk's D directions (a
     linear head's centred outputs have rank <= D: the toy's reason for the MLP)."""
     from tests.conftest import _tiny_model
-    lin, mlp = _tiny_model(), _tiny_model("model.pix_head_hidden=64")
+    plain = "model.pix_head_tanh=false"                         # a tanh would lift the rank too
+    lin, mlp = _tiny_model("model.pix_head_hidden=0", plain), _tiny_model("model.pix_head_hidden=64", plain)
     assert isinstance(mlp.pix_head, torch.nn.Sequential) and mlp.pix_head[0].out_features == 64
     h = torch.randn(500, 32)                                   # D = 32, a patch is 4*4*3 = 48 values
     rank = lambda out: torch.linalg.matrix_rank(out - out.mean(0)).item()
@@ -173,16 +174,13 @@ def test_mlp_pixel_head_escapes_the_linear_heads_rank():
 
 @pytest.mark.parametrize("hidden", [0, 64])
 def test_tanh_pixel_head_is_tanh_of_the_plain_head(hidden):
-    """pix_head_tanh adds only the tanh: the same weights give x_pred = tanh(plain x_pred),
-    inside [-1, 1] where the plain head's outputs are not."""
+    """pix_head_tanh adds only the tanh: the same weights (same state-dict keys) give
+    x_pred = tanh(plain x_pred), inside [-1, 1] where the plain head's outputs are not."""
     from tests.conftest import _tiny_model
-    plain = _tiny_model(f"model.pix_head_hidden={hidden}")
+    plain = _tiny_model(f"model.pix_head_hidden={hidden}", "model.pix_head_tanh=false")
     bounded = _tiny_model(f"model.pix_head_hidden={hidden}", "model.pix_head_tanh=true")
     torch.nn.init.normal_(plain.pix_out.weight, std=2.0)   # outputs well beyond [-1, 1]
-    linears = lambda m: [l for l in m.pix_head.modules() if isinstance(l, torch.nn.Linear)]
-    bounded.load_state_dict({k: v for k, v in plain.state_dict().items() if not k.startswith("pix_head")}, strict=False)
-    for src, dst in zip(linears(plain), linears(bounded), strict=True):
-        dst.load_state_dict(src.state_dict())
+    bounded.load_state_dict(plain.state_dict())
     b = _gen_batch()
     z = torch.randn(2, plain.n_pix, 48, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
