@@ -338,7 +338,7 @@ def _toy() -> Config:
         model=ModelConfig(
             image_size=48, patch_size=16, pix_head_hidden=512, pix_head_tanh=True, max_text_len=160,
             tokenizer="bytes+shapes",
-            flow=FlowConfig(noise_scale=2.0),
+            flow=FlowConfig(noise_scale=2.0), sample=SamplingSettings(cfg_interval=(0.0, 0.5)),
             vit=ViTConfig(patch_size=16, dim=96, depth=3, heads=3, layerscale_init=0.1),
             vq=VQConfig(codebook_size=64, tau=0.01, momentum=0.99, pool=1, encoder_ema=0.999),
             mot=MoTConfig(dim=128, depth=4, heads=4),

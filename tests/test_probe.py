@@ -95,15 +95,15 @@ def test_probe_cli_samples_every_row_with_the_sampler_flags(ckpt, tmp_path, monk
         return probe(model, *a, **k)
 
     monkeypatch.setattr(probe_mod, "probe", spy)
-    probe_mod.main(["--ckpt", str(ckpt), "--n", "5", "--steps", "2", "--cfg-interval", "0", "0.5",
+    probe_mod.main(["--ckpt", str(ckpt), "--n", "5", "--steps", "3", "--cfg-interval", "0.2", "0.8",
                     "--json", str(tmp_path / "p.json")])
     m = load_model(ckpt)[0]
-    assert (m.cfg.sample.steps, m.cfg.sample.cfg_interval) != (2, (0.0, 0.5))      # the checkpoint's own
-    assert (seen["sample"].steps, seen["sample"].cfg_interval) == (2, (0.0, 0.5))
+    assert (m.cfg.sample.steps, m.cfg.sample.cfg_interval) != (3, (0.2, 0.8))      # the checkpoint's own
+    assert (seen["sample"].steps, seen["sample"].cfg_interval) == (3, (0.2, 0.8))
     r = json.loads((tmp_path / "p.json").read_text())
-    assert r["sampling"] == {"steps": 2, "cfg_interval": [0.0, 0.5]}
+    assert r["sampling"] == {"steps": 3, "cfg_interval": [0.2, 0.8]}
     held = held_out_prompts(1)
-    x, _ = text_to_image(m, [p.text for p in held], torch.Generator().manual_seed(0), steps=2, cfg_interval=(0.0, 0.5))
+    x, _ = text_to_image(m, [p.text for p in held], torch.Generator().manual_seed(0), steps=3, cfg_interval=(0.2, 0.8))
     want = score_images(tensor_to_images(x), held)
     for k in ("overall", "extras"):
         assert r["pixels_given_sampled_reps"][k] == pytest.approx(want[k], abs=1e-4)

@@ -55,10 +55,10 @@ def test_end_of_run_score_equals_nanorf_eval(tmp_path):
     # the sampler flags reach the sampler: the same numbers as generation_score with those settings
     from nanorf.eval import generation_score
     eval_main(["--ckpt", str(out / "ckpt.pt"), "--n-per-kind", "2", "--n-images", "4", "--json", str(tmp_path / "f.json"),
-               "--cfg-pix", "1.5", "--cfg-interval", "0", "0.5", "--steps", "3"])
+               "--cfg-pix", "1.5", "--cfg-interval", "0.2", "0.8", "--steps", "3"])
     flags = json.loads((tmp_path / "f.json").read_text())
-    assert flags["sampling"] == {"steps": 3, "cfg_pix": 1.5, "cfg_interval": [0.0, 0.5]}
-    ref = generation_score(load_model(out / "ckpt.pt")[0], n_per_kind=2, seed=0, steps=3, cfg_pix=1.5, cfg_interval=(0.0, 0.5))
+    assert flags["sampling"] == {"steps": 3, "cfg_pix": 1.5, "cfg_interval": [0.2, 0.8]}
+    ref = generation_score(load_model(out / "ckpt.pt")[0], n_per_kind=2, seed=0, steps=3, cfg_pix=1.5, cfg_interval=(0.2, 0.8))
     assert flags["generation"] == {k: v for k, v in ref.items() if k not in ("images", "prompts")}
     assert flags["generation"]["extras"] != want["generation"]["extras"]    # other settings, other pictures
 
