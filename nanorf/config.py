@@ -287,7 +287,7 @@ def _from_dict(cls, d):
 
 
 def _toy() -> Config:
-    # The CPU smoke test on 2 cores (~14-15 minutes of training, ~1 of scoring). Differences from
+    # The CPU smoke test on 2 cores (12-15 min of training by the machine). Differences from
     # the paper's shapes, each for the toy only, with the measurement that chose it (issue 9's
     # recipe runs on the shapes world v2, seed 0 unless said; strict = GenEval's rules with nothing
     # extra allowed, 50 held-out prompts per kind). Not yet good enough: 1,600 steps of this
