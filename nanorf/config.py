@@ -297,8 +297,8 @@ def _toy() -> Config:
     #    saturates at the world's flat colours and black background instead of leaving soft
     #    object edges whose half-bright pixels read as another colour (the "rims": one extra
     #    object each under the strict rule). Seeds 0 / 1, sampled as below: strict 0.432 / 0.376
-    #    against 0.284 / 0.264 with the linear output, extras per image 2.6 / 2.9 against 4.9 /
-    #    5.0. Chosen on a one-minute proxy (a clean autoencoder of 16-px world patches through a
+    #    against 0.284 / 0.264 with the linear output; extras per image 2.6 against 4.9 (seed
+    #    0). Chosen on a one-minute proxy (a clean autoencoder of 16-px world patches through a
     #    128-wide token with this MLP head, 2,000 steps): strict 0.655 with tanh, 0.543 without.
     #  * pixel guidance only for t <= 0.5 (sample.cfg_interval; the paper applies it at every t):
     #    seeds 0 / 1 strict 0.432 / 0.376 against 0.348 / 0.276 with guidance at every t; guidance
