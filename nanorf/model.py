@@ -31,8 +31,9 @@ from width D draws a patch of p*p*3 values from at most D directions, which is a
 toy's 128-wide trunk and 768-value patches but not for the paper's trunk, wider than its
 patches. With `pix_head_tanh` its output goes through tanh (TanhLinear; our choice, for the
 toy): a bounded x-prediction saturates at the flat colours and the black background, where a
-linear output leaves soft object edges (README, "Results on the toy"). L = L_LM + L_Rep + L_FM with unit weights; a Qwen3-MoE decoder
-adds its load-balancing loss, aux_loss_coef * L_aux (nanorf/moe.py).
+linear output leaves soft object edges (README, "Results on the toy").
+L = L_LM + L_Rep + L_FM with unit weights; a Qwen3-MoE decoder adds its load-balancing loss,
+aux_loss_coef * L_aux (nanorf/moe.py).
 
 With a Qwen3 decoder (nanorf/pretrained.py, `load_qwen3`) the text is Qwen's BPE vocabulary
 (`ModelConfig.tokenizer`), the LM head may be tied to the token embedding (`tie_lm_head`), and
