@@ -45,7 +45,9 @@ import torch
 from nanorf.data import KINDS, draw_scene, held_out_prompts, render
 from nanorf.eval import detect, score_images
 from nanorf.patches import images_to_tensor, tensor_to_images
-from nanorf.sampler import add_sampling_args, draw_plan, sample_pixels, sampling_overrides, text_to_image
+from nanorf.config import SamplingSettings
+from nanorf.sampler import (add_sampling_args, draw_plan, sample_pixels, sampling_overrides, settings_for,
+                            text_to_image)
 from nanorf.targets import RepresentationTargets, targets_from_checkpoint
 from nanorf.vq import codebook_stats
 
@@ -75,9 +77,11 @@ def plan_following(images, scenes) -> float:
 
 
 @torch.no_grad()
-def plan_swap(model, targets: RepresentationTargets, n: int = 64, seed: int = 0) -> dict:
-    """Paint held-out open-cell prompts from a real fitting image's plan, and with no plan."""
-    cfg = model.cfg
+def plan_swap(model, targets: RepresentationTargets, n: int = 64, seed: int = 0,
+              settings: SamplingSettings | None = None) -> dict:
+    """Paint held-out open-cell prompts from a real fitting image's plan, and with no plan.
+    settings: the sampler's (default: the checkpoint's own)."""
+    cfg, s = model.cfg, settings_for(model, settings)
     held = [p for p in held_out_prompts(-(-n // len(OPEN_KINDS)), kinds=OPEN_KINDS)][:n]
     rng = random.Random(4321)
     scenes = [draw_scene(p, rng) for p in held]
@@ -85,29 +89,32 @@ def plan_swap(model, targets: RepresentationTargets, n: int = 64, seed: int = 0)
     plan = targets(real, update=False)                                            # (B, N) the real images' codes
     ids = [model.tok.encode(p.text, cfg.max_text_len) for p in held]
     out = {"n": len(held)}
-    for name, mode in (("with_real_plan", cfg.sample.cfg_mode), ("no_plan", "norep")):
-        x = sample_pixels(model, ids, plan, replace(cfg.sample, cfg_mode=mode), torch.Generator().manual_seed(seed))
+    for name, mode in (("with_real_plan", s.cfg_mode), ("no_plan", "norep")):
+        x = sample_pixels(model, ids, plan, replace(s, cfg_mode=mode), torch.Generator().manual_seed(seed))
         out[f"plan_following_{name}"] = round(plan_following(tensor_to_images(x), scenes), 4)
     return out
 
 
-def probe(model, targets: RepresentationTargets | None, n: int = 64, seed: int = 0) -> dict:
-    cfg = model.cfg
+def probe(model, targets: RepresentationTargets | None, n: int = 64, seed: int = 0,
+          settings: SamplingSettings | None = None) -> dict:
+    """Every row of the module docstring, on n held-out prompts. settings: the sampler's, the same
+    for every row (default: the checkpoint's own)."""
+    cfg, s = model.cfg, settings_for(model, settings)
     held = held_out_prompts(-(-n // len(KINDS)))               # nanorf.eval's prompts, whole rounds of kinds
     prompts, rng = [p.text for p in held], random.Random(1234)
     real = images_to_tensor([render(draw_scene(p, rng), cfg.image_size, rng) for p in held])  # a scene fitting each
     score = lambda x: {k: round(v, 4) for k, v in score_images(tensor_to_images(x), held).items() if k in KEYS}
     out = {"n": len(held), "real_images": score(real)}
 
-    x, codes = text_to_image(model, prompts, torch.Generator().manual_seed(seed))
+    x, codes = text_to_image(model, prompts, torch.Generator().manual_seed(seed), settings=s)
     out["pixels_given_sampled_reps"] = score(x)
     if not cfg.rf:
         return out
-    x, _ = text_to_image(model, prompts, torch.Generator().manual_seed(seed), cfg_mode="norep")
+    x, _ = text_to_image(model, prompts, torch.Generator().manual_seed(seed), settings=s, cfg_mode="norep")
     out["pixels_given_no_reps"] = score(x)
     true = targets(real, update=False)                                            # ids or features
     ids = [model.tok.encode(p, cfg.max_text_len) for p in prompts]
-    x = sample_pixels(model, ids, true, cfg.sample, torch.Generator().manual_seed(seed))
+    x = sample_pixels(model, ids, true, s, torch.Generator().manual_seed(seed))
     out["pixels_given_real_reps"] = score(x)
     if targets.vq is not None:
         K = cfg.vq.codebook_size
@@ -115,7 +122,7 @@ def probe(model, targets: RepresentationTargets | None, n: int = 64, seed: int =
         patches = targets.code_patches                                            # (K, s*s*3) mean patch per code
         out["plan_alone_sampled"] = score(draw_plan(codes, patches))
         out["plan_alone_real"] = score(draw_plan(true, patches))
-    out["plan_swap"] = plan_swap(model, targets, n, seed)
+    out["plan_swap"] = plan_swap(model, targets, n, seed, s)
     return out
 
 
@@ -138,8 +145,7 @@ def main(argv=None):
         sys.exit(2)
     targets = targets_from_checkpoint(ck, cfg.model, model.vit)
     sampling = sampling_overrides(args)
-    model.cfg.sample = replace(model.cfg.sample, **sampling)   # every row samples with the same settings
-    r = probe(model, targets, args.n, args.seed)
+    r = probe(model, targets, args.n, args.seed, settings_for(model, **sampling))
     print(f"{args.ckpt} (step {step}): {args.n} held-out prompts and their real renders"
           + (f"; sampling {sampling}" if sampling else ""))
     print("| images scored | " + " | ".join(KEYS) + " |")

@@ -3,6 +3,7 @@
     python -m experiments.viz --mask docs/mask.png
     python -m experiments.viz --plans docs/plans.png --ckpt out/toy/ckpt.pt [--prompt "three red circles"]
     python -m experiments.viz --plan-swap docs/plan_swap.png --ckpt out/toy/ckpt.pt
+    python -m experiments.viz --plans p.png --ckpt out/toy/ckpt.pt --cfg-interval 0 1   # sample.py's sampler flags
 
 --plans: one prompt, four sampling seeds; top row the sampled plan (each representation token
 drawn as its code's mean training patch), bottom row the picture painted from it. Different
@@ -29,6 +30,7 @@ import torch
 from nanorf.config import get_config
 from nanorf.model import RFModel
 from nanorf.patches import images_to_tensor, tensor_to_images
+from nanorf.sampler import add_sampling_args, sampling_overrides
 from nanorf.mot import PAD, PIX, REP, UND
 from nanorf.targets import targets_from_checkpoint
 
@@ -85,32 +87,35 @@ def load(ckpt: str):
 
 
 @torch.no_grad()
-def draw_plans(path: str, ckpt: str, prompt: str, seeds=(0, 1, 2, 3)):
-    from nanorf.sampler import draw_plan, save_grid, text_to_image
+def draw_plans(path: str, ckpt: str, prompt: str, seeds=(0, 1, 2, 3), sampling: dict | None = None):
+    """sampling: SamplingSettings fields that override the checkpoint's own."""
+    from nanorf.sampler import draw_plan, save_grid, settings_for, text_to_image
     model, targets = load(ckpt)
+    s = settings_for(model, **(sampling or {}))
     plans, pictures = [], []
     for seed in seeds:
-        x, codes = text_to_image(model, [prompt], torch.Generator().manual_seed(seed))
+        x, codes = text_to_image(model, [prompt], torch.Generator().manual_seed(seed), settings=s)
         plans += tensor_to_images(draw_plan(codes, targets.code_patches))
         pictures += tensor_to_images(x)
     save_grid(plans + pictures, path, ncol=len(seeds), scale=max(1, 128 // model.cfg.image_size))
 
 
 @torch.no_grad()
-def draw_plan_swap(path: str, ckpt: str, n: int = 4, seed: int = 0):
+def draw_plan_swap(path: str, ckpt: str, n: int = 4, seed: int = 0, sampling: dict | None = None):
+    """sampling: SamplingSettings fields that override the checkpoint's own."""
     import random
     from dataclasses import replace
     from nanorf.data import draw_scene, held_out_prompts, render
-    from nanorf.sampler import draw_plan, sample_pixels, save_grid
+    from nanorf.sampler import draw_plan, sample_pixels, save_grid, settings_for
     model, targets = load(ckpt)
-    cfg = model.cfg
+    cfg, s = model.cfg, settings_for(model, **(sampling or {}))
     held = held_out_prompts(1, kinds=("counting", "two", "position", "single"))[:n]
     rng = random.Random(seed)
     real = images_to_tensor([render(draw_scene(p, rng), cfg.image_size, rng) for p in held])
     plan = targets(real, update=False)
     ids = [model.tok.encode(p.text, cfg.max_text_len) for p in held]
-    painted = sample_pixels(model, ids, plan, cfg.sample, torch.Generator().manual_seed(seed))
-    blind = sample_pixels(model, ids, plan, replace(cfg.sample, cfg_mode="norep"), torch.Generator().manual_seed(seed))
+    painted = sample_pixels(model, ids, plan, s, torch.Generator().manual_seed(seed))
+    blind = sample_pixels(model, ids, plan, replace(s, cfg_mode="norep"), torch.Generator().manual_seed(seed))
     cols = [tensor_to_images(t) for t in (real, draw_plan(plan, targets.code_patches), painted, blind)]
     save_grid([im for row in zip(*cols) for im in row], path, ncol=4, scale=max(1, 128 // cfg.image_size))
     print("rows: " + "; ".join(p.text for p in held) + "\ncolumns: real image, its plan, painted from that plan, "
@@ -125,15 +130,16 @@ def main(argv=None):
     out.add_argument("--plan-swap", help="output PNG: real image, its plan, painted from it, painted without a plan")
     p.add_argument("--ckpt", help="checkpoint for --plans and --plan-swap")
     p.add_argument("--prompt", default="three red circles", help="the prompt of --plans")
+    add_sampling_args(p)  # each overrides the checkpoint's own sampling setting
     args = p.parse_args(argv)
     if args.mask:
         return draw_masks(args.mask)
     if not args.ckpt:
         p.error("--plans and --plan-swap need --ckpt")
     if args.plans:
-        draw_plans(args.plans, args.ckpt, args.prompt)
+        draw_plans(args.plans, args.ckpt, args.prompt, sampling=sampling_overrides(args))
     else:
-        draw_plan_swap(args.plan_swap, args.ckpt)
+        draw_plan_swap(args.plan_swap, args.ckpt, sampling=sampling_overrides(args))
 
 
 if __name__ == "__main__":

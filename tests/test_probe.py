@@ -83,16 +83,16 @@ def test_probe_runs_on_a_tiny_model(tiny_model, tiny_config):
 
 def test_probe_cli_samples_every_row_with_the_sampler_flags(ckpt, tmp_path, monkeypatch):
     """--steps / --cfg-interval (sample.py's flags) become the settings every row samples with
-    (probe reads model.cfg.sample throughout) and are recorded in the JSON; the sampled-reps
+    (passed to probe, which hands them to every sampling call) and are recorded in the JSON; the sampled-reps
     row equals nanorf.eval's scorer on text_to_image with the same overrides."""
     import json
     import experiments.probe as probe_mod
     from nanorf.checkpoint import load_model
     seen = {}
 
-    def spy(model, *a, **k):
-        seen["sample"] = model.cfg.sample
-        return probe(model, *a, **k)
+    def spy(model, targets, n, seed, settings):
+        seen["sample"] = settings
+        return probe(model, targets, n, seed, settings)
 
     monkeypatch.setattr(probe_mod, "probe", spy)
     probe_mod.main(["--ckpt", str(ckpt), "--n", "5", "--steps", "3", "--cfg-interval", "0.2", "0.8",
