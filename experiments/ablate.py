@@ -3,14 +3,16 @@
     python -m experiments.ablate                          # all four variants, seeds 0 and 1, toy preset
     python -m experiments.ablate --variants rf no-rf      # Table 3a only
     python -m experiments.ablate --seeds 0 1 2 --max-steps 700 --out-dir out/ablate
+    python -m experiments.ablate --cfg-interval 0 0.5     # sample.py's sampler flags: every variant scored alike
 
 Each variant x seed is one `train.py` run in its own process (so every run has the
 machine to itself and its wall-clock is honest), then `nanorf.eval` scores it on the
-same held-out prompts and images: strict accuracy per prompt kind (GenEval's rules, nothing
+same held-out prompts and images, with the same sampler settings (each checkpoint's own, or
+the ones sample.py's flags give): strict accuracy per prompt kind (GenEval's rules, nothing
 extra allowed), the overall mean, GenEval's lenient overall and the extra objects per image
 beside it, and understanding per question kind. A run whose checkpoint already reached the
 budget is reused, and so is its score when it is newer than the checkpoint and used the same
---n-per-kind, so an interrupted ablation picks up where it stopped. Writes
+--n-per-kind and sampler flags, so an interrupted ablation picks up where it stopped. Writes
 <out-dir>/results.md (the table, mean +- half the range over seeds, and RF's gain over
 pixel-only), results.json, and grid.png (the same counting, two-object and position prompts,
 one row per variant, seed 0).
@@ -26,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from nanorf.sampler import add_sampling_args, sampling_argv, sampling_overrides
 
 VARIANTS = {
     "rf": [],                                   # discrete rep tokens (the method)
@@ -46,6 +50,15 @@ def run(cmd, log):
         sys.exit(f"experiments.ablate: error: {' '.join(cmd)} failed (exit {r.returncode}); see {log}")
 
 
+def score_is_fresh(ev: Path, ck: Path, n_per_kind: int, sampling: dict) -> bool:
+    """A saved nanorf.eval score (ev) is of this checkpoint, at this --n-per-kind, with these
+    sampler overrides (a score saved without them used the checkpoint's own settings)."""
+    if not ev.exists() or ev.stat().st_mtime < ck.stat().st_mtime:
+        return False
+    r = json.loads(ev.read_text())
+    return r.get("n_per_kind") == n_per_kind and r.get("sampling", {}) == json.loads(json.dumps(sampling))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train and score RF vs pixel-only with the same budget.")
     p.add_argument("--config", default="toy", help="preset to train (default: toy)")
@@ -57,7 +70,9 @@ def main(argv=None):
     p.add_argument("--out-dir", default="out/ablate", help="where runs, table and grid go")
     p.add_argument("--vit-init", default=None,
                    help="every run starts its ViT from these weights (experiments.pretrain_vit; the paper's DINOv3)")
+    add_sampling_args(p)  # each overrides every checkpoint's own sampling setting, in the scores and the grid
     args = p.parse_args(argv)
+    args.sampling = sampling_overrides(args)
     from nanorf.checkpoint import load_checkpoint
     from nanorf.config import get_config
     steps = args.max_steps or get_config(args.config).train.max_steps
@@ -85,11 +100,10 @@ def main(argv=None):
             elif (d / "wall.txt").exists():
                 wall = float((d / "wall.txt").read_text())
             ev = d / "eval.json"
-            fresh = (ev.exists() and ev.stat().st_mtime >= ck.stat().st_mtime
-                     and json.loads(ev.read_text()).get("n_per_kind") == args.n_per_kind)
-            if not fresh:  # a score of this very checkpoint at this --n-per-kind is reused too
+            if not score_is_fresh(ev, ck, args.n_per_kind, args.sampling):
                 run([sys.executable, "-m", "nanorf.eval", "--ckpt", str(ck), "--n-per-kind", str(args.n_per_kind),
-                     "--n-images", str(2 * args.n_per_kind), "--json", str(ev)], out / f"{v}-s{seed}.eval.log")
+                     "--n-images", str(2 * args.n_per_kind), "--json", str(ev), *sampling_argv(args.sampling)],
+                    out / f"{v}-s{seed}.eval.log")
                 r = json.loads(ev.read_text())
                 ev.write_text(json.dumps({**r, "n_per_kind": args.n_per_kind}))
             r = json.loads(ev.read_text())
@@ -109,7 +123,8 @@ def write_table(results, args, steps, out: Path):
     lines = [f"Shapes world v2, `{args.config}` preset, {steps} steps, seeds {args.seeds}, {args.n_per_kind} held-out "
              f"prompts per kind and {2 * args.n_per_kind} held-out images; strict accuracy per kind (extras per image: "
              f"mean count); mean ± half the range over seeds"
-             + (f"; every ViT starts from `{args.vit_init}`." if args.vit_init else "."), "",
+             + (f"; every ViT starts from `{args.vit_init}`" if args.vit_init else "")
+             + (f"; every run sampled with {args.sampling}" if getattr(args, "sampling", None) else "") + ".", "",
              "| variant | paper GenEval (Table 3) | " + " | ".join(GEN_KEYS) + " | wall-clock per run |",
              "|---|---|" + "---|" * (len(GEN_KEYS) + 1)]
     for v in args.variants:
@@ -144,7 +159,7 @@ def write_grid(args, out: Path):
         model, cfg, _ = load_model(out / f"{v}-s{args.seeds[0]}" / "ckpt.pt")
         prompts = prompts or ([p.text for p in held_out_prompts(3, kinds=("counting", "two"))]
                               + [p.text for p in held_out_prompts(2, kinds=("position",))])
-        x, _ = text_to_image(model, prompts, torch.Generator().manual_seed(0))
+        x, _ = text_to_image(model, prompts, torch.Generator().manual_seed(0), **args.sampling)
         rows += tensor_to_images(x)
     save_grid(rows, out / "grid.png", ncol=len(prompts), scale=4)
     (out / "grid.txt").write_text("rows: " + ", ".join(args.variants) + "\n" + "\n".join(prompts) + "\n")

@@ -122,6 +122,15 @@ def sampling_overrides(args) -> dict:
     return {k: v for k, v in vals.items() if v is not None}
 
 
+def sampling_argv(overrides: dict) -> list[str]:
+    """The add_sampling_args flags that give `overrides` ({field: value}) back through
+    sampling_overrides: for a driver that runs sample.py or nanorf.eval in a subprocess."""
+    argv = []
+    for k, v in overrides.items():
+        argv += [f"--{k.replace('_', '-')}", *(str(x) for x in (v if isinstance(v, (tuple, list)) else [v]))]
+    return argv
+
+
 def integrate(model: RFModel, v_fn, B: int, s: SamplingSettings, generator=None,
               size: tuple[int, int] | None = None) -> torch.Tensor:
     """The pixel ODE of both paths: noise z (B, M, p*p*3) at t = 0, `s.steps` steps of

@@ -314,3 +314,16 @@ def test_answer_stopping_rules(tiny_model):
     m.lm_head = _FixedHead(V, x, x, m.tok.bor, x)
     assert answer(m, img, ["q?"], max_new_tokens=6) == ["xx"]            # so does any other special
     assert m.lm_head.calls == 3                                          # and decoding stops there
+
+
+def test_sampling_argv_round_trips_through_the_flags():
+    """A driver that hands sampler overrides to a subprocess (experiments.ablate -> nanorf.eval)
+    gets back exactly the overrides it started from; no overrides give no flags."""
+    import argparse
+    from nanorf.sampler import add_sampling_args, sampling_argv, sampling_overrides
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+    want = {"steps": 7, "solver": "heun", "cfg_pix": 2.5, "cfg_interval": (0.0, 0.5), "top_k": 3,
+            "temperature": 0.7, "cfg_mode": "split", "cfg_pix_rep": 1.5, "cfg_rep": 1.0}
+    assert sampling_overrides(p.parse_args(sampling_argv(want))) == want
+    assert sampling_argv({}) == [] and sampling_overrides(p.parse_args([])) == {}
