@@ -152,8 +152,10 @@ def build_config(args) -> Config:
     if t.freeze:
         parse_freeze(t.freeze)  # fail early on an unknown group
     validate(cfg.model)
+    if t.und_turns < 1:
+        raise ValueError(f"train.und_turns {t.und_turns} must be at least 1")
     if t.tokens_per_rank:
-        check_packing(cfg.model, t.tokens_per_rank)
+        check_packing(cfg.model, t.tokens_per_rank, t.und_turns)
     return cfg
 
 

@@ -125,11 +125,13 @@ def write_table(results, args, steps, out: Path):
              f"mean count); mean ± half the range over seeds"
              + (f"; every ViT starts from `{args.vit_init}`" if args.vit_init else "")
              + (f"; every run sampled with {args.sampling}" if getattr(args, "sampling", None) else "") + ".", "",
-             "| variant | paper GenEval (Table 3) | " + " | ".join(GEN_KEYS) + " | wall-clock per run |",
+             "| variant | paper GenEval (Table 3) | " + " | ".join(GEN_KEYS) + " | wall-clock per seed |",
              "|---|---|" + "---|" * (len(GEN_KEYS) + 1)]
     for v in args.variants:
-        walls = [results[(v, s)]["wall_s"] for s in args.seeds if results[(v, s)]["wall_s"]]
-        wall = f"{np.mean(walls) / 60:.1f} min" if walls else "n/a"
+        # per seed, not a mean: a run this call did not train (or whose wall.txt is gone) has no
+        # time, and a mean over the others would pass for the variant's
+        walls = [results[(v, s)]["wall_s"] for s in args.seeds]
+        wall = " / ".join(f"{w / 60:.1f}" if w else "n/a" for w in walls) + (" min" if any(walls) else "")
         lines.append(f"| {v} | {PAPER[v]:.2f} | " + " | ".join(cell(v, "generation", k) for k in GEN_KEYS)
                      + f" | {wall} |")
     if "rf" in args.variants and "no-rf" in args.variants:

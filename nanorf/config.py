@@ -219,6 +219,8 @@ class TrainConfig:
     """Optimisation recipe (docs/method.md, "Training recipe and stages") scaled to the preset."""
     batch_size: int = 64           # global generation examples per step (all ranks, all micro-steps)
     und_batch_size: int = 32       # global understanding examples per step
+    und_turns: int = 1             # questions per understanding example: the image once, then up to this many
+                                   # (question, answer, [EOS]) turns (fewer where the image has fewer)
     micro_batch_size: int = 0      # per-rank per-micro-step generation examples; 0 = no accumulation
     tokens_per_rank: int = 0       # > 0: pack each rank's examples into rows of this many tokens, one row
                                    # per forward, instead of padded micro-batches (nanorf/packing.py; paper 32,768)

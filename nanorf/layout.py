@@ -2,6 +2,7 @@
 
     generation      [PAD..] [BOS] prompt [BOR] r_1 .. r_N [BOP] p_1 .. p_M      (left-padded)
     understanding   [BOS] [BOI] v_1 .. v_V [EOI] question answer [EOS] [PAD..]  (right-padded)
+                    (in training, optionally more turns: .. [EOS] question answer [EOS] ..)
 
 Each token is one `Token` row: its id, the expert that processes it, its RoPE position, the
 image block it belongs to (if any), whether it is a noisy pixel patch, and the next-token
@@ -87,15 +88,23 @@ def gen_row(tok: ByteTokenizer, prompt: list[int], n_rep: int, n_pix: int, rf: b
     return row
 
 
-def und_row(tok: ByteTokenizer, n_vit: int, question: list[int], answer: list[int], eos: bool = True) -> list[Token]:
+def und_row(tok: ByteTokenizer, n_vit: int, question: list[int], answer: list[int], eos: bool = True,
+            follow_ups=()) -> list[Token]:
     """One understanding sequence: [BOS][BOI] v_1..v_V [EOI] question answer ([EOS]); targets on
-    the answer (and [EOS])."""
+    the answer (and [EOS]). follow_ups: more (question, answer) turns about the same image, each
+    after the previous answer's [EOS] and ending in its own, with targets on its answer and [EOS]
+    (training only: eos must be True)."""
     head = [Token(tok.bos), Token(tok.boi, pos=1)] + [Token(pos=2, block=VIT_BLOCK)] * n_vit
     head.append(Token(tok.eoi, pos=3))
-    text = question + answer + ([tok.eos] if eos else [])
-    # the column of text[i] predicts text[i + 1]: the answer's predecessors carry targets
-    q = len(question)
-    return head + [Token(c, pos=4 + i, target=text[i + 1] if q - 1 <= i < len(text) - 1 else NO_TARGET)
+    if follow_ups and not eos:
+        raise ValueError("follow-up turns end in [EOS]: they are for training sequences")
+    text, answered = [], []  # the ids after [EOI]; whether each is an answer token or its [EOS]
+    end = [tok.eos] if eos else []
+    for q, a in [(question, answer), *follow_ups]:
+        text += q + a + end
+        answered += [False] * len(q) + [True] * (len(a) + len(end))
+    # the column of text[i] predicts text[i + 1]: an answer's predecessors carry targets
+    return head + [Token(c, pos=4 + i, target=text[i + 1] if i + 1 < len(text) and answered[i + 1] else NO_TARGET)
                    for i, c in enumerate(text)]
 
 
@@ -114,8 +123,10 @@ def generation_layout(tok: ByteTokenizer, prompts: list[list[int]], n_rep: int, 
 
 
 def understanding_layout(tok: ByteTokenizer, n_vit: int, questions: list[list[int]], answers: list[list[int]],
-                         eos: bool = True) -> Layout:
-    """[BOS][BOI] v_1..v_V [EOI] question answer [EOS]; targets on the answer (and [EOS])."""
-    lay = build_layout([und_row(tok, n_vit, q, a, eos) for q, a in zip(questions, answers)], left=False)
+                         eos: bool = True, follow_ups=None) -> Layout:
+    """[BOS][BOI] v_1..v_V [EOI] question answer [EOS]; targets on the answer (and [EOS]).
+    follow_ups: per row, its further (question, answer) turns (und_row), or None."""
+    more = follow_ups or [()] * len(questions)
+    lay = build_layout([und_row(tok, n_vit, q, a, eos, f) for q, a, f in zip(questions, answers, more)], left=False)
     lay.vit_cols = slice(2, 2 + n_vit)
     return lay

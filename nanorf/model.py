@@ -189,6 +189,7 @@ class UndBatch:
     images: torch.Tensor           # (B, 3, H, W) in [-1, 1]
     questions: list[list[int]]     # byte ids, RFModel.question_ids
     answers: list[list[int]]
+    follow_ups: list | None = None  # per example, more (question, answer) turns (TrainConfig.und_turns)
 
 
 @dataclass
@@ -338,8 +339,9 @@ class RFModel(nn.Module):
         return generation_layout(self.tok, prompts, n_rep, n_pix, rf=self.cfg.rf)
 
     def und_layout(self, questions: list[list[int]], answers: list[list[int]], eos: bool = True,
-                   n_vit: int | None = None) -> Layout:
-        return understanding_layout(self.tok, self.n_vit if n_vit is None else n_vit, questions, answers, eos)
+                   n_vit: int | None = None, follow_ups=None) -> Layout:
+        return understanding_layout(self.tok, self.n_vit if n_vit is None else n_vit, questions, answers, eos,
+                                    follow_ups)
 
     def question_ids(self, question: str) -> list[int]:
         """A question as sequences hold it: its bytes and one space, then the answer."""
@@ -443,10 +445,10 @@ class RFModel(nn.Module):
             out.x_pred = self.pix_head(h[:, lay.pix_cols])                         # (B, M, p*p*3)
         return out
 
-    def und_forward(self, images, questions, answers, eos: bool = True):
+    def und_forward(self, images, questions, answers, eos: bool = True, follow_ups=None):
         """Returns text logits (B, L, vocab) and the layout (for its targets)."""
         g = self.cfg.grids(images.shape[-2:])
-        lay = self.und_layout(questions, answers, eos, g.n_vit)
+        lay = self.und_layout(questions, answers, eos, g.n_vit, follow_ups)
         h = self.trunk(lay, self.embed(lay, vit_tokens=self.vit_tokens(images), grids=g))
         return self.lm_head(h), lay
 
@@ -467,8 +469,9 @@ class RFModel(nn.Module):
         return self.rep.loss(out.rep[:, :-1], b.targets, b.target_draws)
 
     def und_loss(self, b: UndBatch) -> torch.Tensor:
-        """L_LM: per-example mean next-token CE on the answer and [EOS], averaged over examples."""
-        logits, lay = self.und_forward(b.images, b.questions, b.answers)
+        """L_LM: per-example mean next-token CE on the answer and [EOS] (over all of an example's
+        turns), averaged over examples."""
+        logits, lay = self.und_forward(b.images, b.questions, b.answers, follow_ups=b.follow_ups)
         tgt = lay.targets.to(logits.device)
         ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten().clamp_min(0), reduction="none")
         ce = ce.view_as(tgt) * (tgt >= 0)

@@ -42,15 +42,16 @@ from .mot import PAD, DocMasks, attention_mask, attention_mask_mod, flex_attenti
 from .patches import patchify
 
 
-def check_packing(cfg: ModelConfig, budget: int) -> None:
+def check_packing(cfg: ModelConfig, budget: int, und_turns: int = 1) -> None:
     """ValueError, in one line, for a model the packed path does not cover or a budget that cannot
-    hold the longest example at the config's size (a prompt or question of max_text_len bytes)."""
+    hold the longest example at the config's size (prompts, questions and answers of max_text_len
+    bytes; und_turns of them per understanding example)."""
     if cfg.rf and cfg.rep_target != "discrete" or cfg.repa_weight:
         raise ValueError("--tokens-per-rank packs the RF model and --no-rf only; the continuous-target "
                          "and REPA variants (Table 3) train padded")
     g = cfg.grids()
     longest = max(1 + cfg.max_text_len + (1 + g.n_rep if cfg.rf else 0) + 1 + g.n_pix,   # gen_row
-                  4 + g.n_vit + 2 * cfg.max_text_len)                                    # und_row
+                  3 + g.n_vit + und_turns * (2 * cfg.max_text_len + 1))                  # und_row
     if budget < longest:
         raise ValueError(f"--tokens-per-rank {budget} cannot hold the longest example of this config "
                          f"({longest} tokens at {cfg.image_size} px with {cfg.max_text_len}-token texts)")
@@ -141,7 +142,8 @@ def gen_doc(model: RFModel, b: GenBatch) -> Doc:
 def und_doc(model: RFModel, b: UndBatch) -> Doc:
     """A one-example UndBatch as a document."""
     g = model.cfg.grids(b.images.shape[-2:])
-    return Doc(und_row(model.tok, g.n_vit, b.questions[0], b.answers[0]), und=b)
+    more = b.follow_ups[0] if b.follow_ups else ()
+    return Doc(und_row(model.tok, g.n_vit, b.questions[0], b.answers[0], follow_ups=more), und=b)
 
 
 def pack(docs: list[Doc], budget: int) -> list[Pack]:
@@ -282,7 +284,8 @@ def split_gen(b: GenBatch) -> list[GenBatch]:
 
 def split_und(b: UndBatch) -> list[UndBatch]:
     """An UndBatch of B examples -> B UndBatches of one."""
-    return [UndBatch(b.images[i:i + 1], b.questions[i:i + 1], b.answers[i:i + 1]) for i in range(len(b.questions))]
+    return [UndBatch(b.images[i:i + 1], b.questions[i:i + 1], b.answers[i:i + 1],
+                     b.follow_ups[i:i + 1] if b.follow_ups else None) for i in range(len(b.questions))]
 
 
 # ---- the training step (train.py --tokens-per-rank) ---------------------------------------

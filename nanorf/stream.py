@@ -140,12 +140,14 @@ class Stream:
         return [self.und_batch(step, range(k, k + 1), device) for k in idx]
 
     def und_batch(self, step: int, idx: range, device) -> UndBatch:
-        """Examples idx of the step's global understanding batch: one question per image."""
-        B, tok = self.cfg.train.und_batch_size, self.model.tok
-        qs, ans, imgs = [], [], []
+        """Examples idx of the step's global understanding batch: one image each and
+        train.und_turns of its questions (distinct, in random order; fewer if it has fewer)."""
+        t, tok, L = self.cfg.train, self.model.tok, self.cfg.model.max_text_len
+        qs, ans, more, imgs = [], [], [], []
         for k in idx:
-            it = self._item(self.und, step * B + k)
-            q, a = random.Random(f"{self.cfg.train.seed}:qa:{step * B + k}").choice(it["qa"])
-            qs.append(self.model.question_ids(q)), ans.append(tok.encode(a, self.cfg.model.max_text_len))
-            imgs.append(it["image"])
-        return UndBatch(images_to_tensor(imgs).to(device), qs, ans)
+            it = self._item(self.und, step * t.und_batch_size + k)
+            rng = random.Random(f"{t.seed}:qa:{step * t.und_batch_size + k}")
+            turns = [rng.choice(it["qa"])] if t.und_turns == 1 else rng.sample(it["qa"], min(t.und_turns, len(it["qa"])))
+            (q, a), *rest = [(self.model.question_ids(q), tok.encode(a, L)) for q, a in turns]
+            qs.append(q), ans.append(a), more.append(rest), imgs.append(it["image"])
+        return UndBatch(images_to_tensor(imgs).to(device), qs, ans, more if t.und_turns > 1 else None)

@@ -18,9 +18,21 @@ def test_table_has_every_variant_the_spread_and_rfs_gain(tmp_path):
     write_table(results, args, 780, tmp_path)
     md = (tmp_path / "results.md").read_text()
     rf_row = next(line for line in md.splitlines() if line.startswith("| rf |"))
-    assert "0.76" in rf_row and "0.600 ± 0.100" in rf_row and "10.0 min" in rf_row   # paper, mean ± half range
+    assert "0.76" in rf_row and "0.600 ± 0.100" in rf_row and "10.0 / 10.0 min" in rf_row  # paper, mean ± half range
     assert "RF − pixel-only, strict overall, per seed: +0.400, +0.400 (mean +0.400)" in md
     assert all(k in md for k in GEN_KEYS + UND_KEYS)
+
+
+def test_wall_clock_is_per_seed_and_a_reused_run_has_none(tmp_path):
+    """A run the call did not train has no wall time; the table says so instead of averaging the rest."""
+    reused = {**_score(0.5), "wall_s": None}
+    results = {("rf", 0): reused, ("rf", 1): {**_score(0.7), "wall_s": 1242.0},
+               ("no-rf", 0): {**_score(0.1), "wall_s": None}, ("no-rf", 1): {**_score(0.3), "wall_s": None}}
+    args = Namespace(config="toy", seeds=[0, 1], variants=["rf", "no-rf"], n_per_kind=50, vit_init=None)
+    write_table(results, args, 1600, tmp_path)
+    rows = {line.split(" | ")[0]: line for line in (tmp_path / "results.md").read_text().splitlines()}
+    assert rows["| rf"].endswith("| n/a / 20.7 min |")
+    assert rows["| no-rf"].endswith("| n/a / n/a |")
 
 
 def test_a_saved_score_is_reused_only_for_the_same_checkpoint_prompts_and_sampler(tmp_path):

@@ -509,3 +509,26 @@ def test_image_caption_folder_errors(tmp_path):
     assert "\n" not in str(e.value)
 
 
+
+
+def test_understanding_examples_ask_und_turns_distinct_questions_of_their_image(tiny_config, tiny_model):
+    """train.und_turns = 3: every example's turns are three different (question, answer) pairs of
+    its own scene; und_turns = 1 keeps the single-question draw (no follow-ups), and both see the
+    same images."""
+    from nanorf.stream import Stream
+    cfg, model = tiny_config(), tiny_model()
+    cfg.train.und_batch_size = 4
+    one = Stream(cfg, model).und_batch(5, range(4), "cpu")
+    cfg.train.und_turns = 3
+    stream = Stream(cfg, model)
+    three = stream.und_batch(5, range(4), "cpu")
+    assert one.follow_ups is None and [len(f) for f in three.follow_ups] == [2] * 4
+    assert (one.images == three.images).all()
+    dec = model.tok.decode
+    for k in range(4):
+        qa = stream.und[5 * 4 + k]["qa"]
+        turns = [(three.questions[k], three.answers[k]), *three.follow_ups[k]]
+        got = [(dec(q), dec(a)) for q, a in turns]
+        assert len(set(got)) == 3 and all((q + " ", a) in [(qq + " ", aa) for qq, aa in qa] for q, a in
+                                          [(q[:-1], a) for q, a in got])
+        assert (dec(one.questions[k])[:-1], dec(one.answers[k])) in qa

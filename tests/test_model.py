@@ -126,6 +126,45 @@ def test_und_layout_hand_built(tiny_model):
     assert lay2.targets[0].tolist() == [-1] * s + [12, t.eos] + [-1] * 5
 
 
+def test_und_layout_follow_up_turns_hand_built(tiny_model):
+    """Two turns about one image: each answer and the [EOS] that ends it are targets; the
+    second question is not, and positions run on through both turns."""
+    m = tiny_model()
+    t, V = m.tok, 16
+    lay = m.und_layout([[10]], [[12, 13]], follow_ups=[[([14], [15])]])
+    s = 2 + V + 1
+    assert lay.tokens[0].tolist() == [t.bos, t.boi] + [0] * V + [t.eoi, 10, 12, 13, t.eos, 14, 15, t.eos]
+    want = [-1] * (s + 7)
+    want[s], want[s + 1], want[s + 2] = 12, 13, t.eos      # 10 -> 12, 12 -> 13, 13 -> EOS
+    want[s + 4], want[s + 5] = 15, t.eos                   # EOS -> 14 is a question: no target; 14 -> 15, 15 -> EOS
+    assert lay.targets[0].tolist() == want
+    assert lay.pos[0].tolist()[s:] == list(range(4, 11))
+    # a row without follow-ups beside one with them: the first is the single-turn layout, padded
+    lay2 = m.und_layout([[10], [10]], [[12, 13], [12, 13]], follow_ups=[[], [([14], [15])]])
+    single = m.und_layout([[10]], [[12, 13]])
+    n = single.tokens.shape[1]
+    assert lay2.targets[0, :n].tolist() == single.targets[0].tolist() and not lay2.valid[0, n:].any()
+    with pytest.raises(ValueError, match="training"):
+        m.und_layout([[10]], [[]], eos=False, follow_ups=[[([14], [15])]])
+
+
+def test_a_follow_up_turn_does_not_reach_back_into_the_first(tiny_model):
+    """Causal text: the first turn's logits are the same with and without a later turn, and the
+    loss of a two-turn example is the mean CE over both answers' target columns."""
+    m = tiny_model()
+    b = _und_batch([1])
+    one, lay1 = m.und_forward(b.images, b.questions, b.answers)
+    more = [[([40, 41], [42, 43, 44])]]
+    two, lay2 = m.und_forward(b.images, b.questions, b.answers, follow_ups=more)
+    n = one.shape[1]
+    assert torch.allclose(one[0], two[0, :n], atol=1e-5)
+    cols = (lay2.targets[0] >= 0).nonzero().flatten()
+    assert len(cols) == 7 + 4                                   # 6 answer bytes + EOS, then 3 + EOS
+    want = F.cross_entropy(two[0, cols], lay2.targets[0, cols])
+    loss = m.und_loss(UndBatch(b.images, b.questions, b.answers, more))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_und_layout_without_eos_has_no_targets_on_question(tiny_model):
     m = tiny_model()
     lay = m.und_layout([[10, 11]], [[]], eos=False)

@@ -79,6 +79,37 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(tiny_model):
     _close(_grads(model), want)
 
 
+def test_follow_up_turns_pack_as_they_pad(tiny_model):
+    """Understanding examples with several turns (train.und_turns): packed rows give the padded
+    batch's loss and gradients, and the packing check counts every turn."""
+    from nanorf.packing import check_packing
+    model = tiny_model()
+    model.train()
+    und = _und(model, 3, (16, 16), 1)
+    und.follow_ups = [[], [([40, 41], [42])], [([40], [43, 44]), ([45], [46])]]
+    model.zero_grad()
+    loss, _ = model(None, und)
+    loss.backward()
+    want = _grads(model)
+    docs = [und_doc(model, b) for b in split_und(und)]
+    base = [len(und_doc(model, b).tokens) for b in split_und(_und(model, 3, (16, 16), 1))]
+    assert [len(d.tokens) - n for d, n in zip(docs, base)] == [0, 2 + 1 + 1, (1 + 2 + 1) + (1 + 1 + 1)]
+    model.zero_grad()
+    total = 0.0
+    for p in pack(docs, max(len(d.tokens) for d in docs) + 2):
+        l, _ = packed_loss(model, p, n_gen=0, n_und=3)
+        l.backward()
+        total += l.item()
+    assert abs(total - loss.item()) < ATOL
+    _close(_grads(model), want)
+    cfg = model.cfg
+    one = 3 + cfg.grids().n_vit + 2 * cfg.max_text_len + 1           # the longest one-turn example
+    budget = max(one, 1 + cfg.max_text_len + 1 + cfg.grids().n_rep + 1 + cfg.grids().n_pix)
+    check_packing(cfg, budget, und_turns=1)
+    with pytest.raises(ValueError, match="cannot hold"):
+        check_packing(cfg, budget, und_turns=3)
+
+
 def test_mixed_sizes_packed_equal_examples_one_by_one(tiny_model):
     """Examples of three sizes (one non-square) in one pack: the pack's loss and gradients equal
     the mean over the examples run alone through RFModel.forward."""

@@ -225,6 +225,7 @@ def test_resume_with_other_model_config_fails_cleanly(tmp_path, capsys):
     (["--set", "train.max_bad_steps=0"], "max_bad_steps"),
     (["--set", "model.flow.p_uniform=1.5"], "p_uniform"),
     (["--set", "train.decay_frac=-0.1"], "decay_frac"),
+    (["--set", "train.und_turns=0"], "und_turns"),
 ])
 def test_bad_arguments_fail_with_one_line(tmp_path, capsys, args, words):
     out = tmp_path / "out"
