@@ -115,7 +115,7 @@ def bench_train(name: str, overrides=(), repeat: int = 3, device="cpu", dtype=No
     gen = stream.gen_batch(0, range(t.batch_size), stream.draws(0), device)
     und = stream.und_batch(0, range(t.und_batch_size), device)
     gen_len = model.gen_layout(gen.prompts, model.n_rep, model.n_pix).tokens.shape[1]
-    und_len = model.und_layout(und.questions, und.answers).tokens.shape[1]
+    und_len = model.und_layout(und.questions, und.answers, follow_ups=und.follow_ups).tokens.shape[1]
     amp, losses = autocast(device, dtype), []
 
     def step():
