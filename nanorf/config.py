@@ -347,9 +347,13 @@ def _toy() -> Config:
     #    encoder (--vit-init) with vq.init "farthest" and encoder EMA 0.9999, 49 codes in use:
     #    0.216, plan-swap 0.382 against 0.605; x4 LR on the generation parameters
     #    (new_param_lr_mult 3, the paper's knob) 0.080. With this recipe (seed 0): a pixel head
-    #    of 1,024 hidden units 0.376 (2.5 extras) against 0.432 (2.6) with 512. und_batch_size
-    #    stays 16: 32 lifted understanding (seed 0: where 0.716 against 0.302, count 0.763 against
-    #    0.597) but cost 0.65 s a step against 0.43, over the budget at 1,600 steps.
+    #    of 1,024 hidden units 0.376 (2.5 extras) against 0.432 (2.6) with 512.
+    #  * one question per understanding image (und_batch_size 16, und_turns 1), though the answers
+    #    stay near constant: more understanding supervision costs RF's generation. Three turns per
+    #    image (train.und_turns=3, 1.13x the step time) lifted every question kind (seeds 0 / 1:
+    #    color 0.902 / 0.610 against 0.390 / 0.183, describe 0.670 / 0.340 against 0.030 / 0.000)
+    #    but strict fell to 0.368 / 0.264 and plan-swap to 0.750 / 0.671. und_batch_size 32 (seed
+    #    0, 1.13x): where 0.716 against 0.302, strict 0.396; at 1,400 steps to fit the time, 0.320.
     return Config(
         name="toy",
         model=ModelConfig(
