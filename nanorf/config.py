@@ -348,7 +348,7 @@ def _toy() -> Config:
     #    LR warmdown over the last 30% (train.decay_frac 0.3) 0.228 against 0.244; the pretrained
     #    encoder (--vit-init) with vq.init "farthest" and encoder EMA 0.9999, 49 codes in use:
     #    0.216, plan-swap 0.382 against 0.605; x4 LR on the generation parameters
-    #    (new_param_lr_mult 3, the paper's knob) 0.080. With this recipe (seed 0): a pixel head
+    #    (new_param_lr_mult 3, the paper's knob) 0.080. With the previous default (seed 0): a pixel head
     #    of 1,024 hidden units 0.376 (2.5 extras) against 0.432 (2.6) with 512.
     #  * three questions per understanding image (und_turns 3: the image once, then three
     #    question-answer turns), with attention projections per modality (shared_attention False,
