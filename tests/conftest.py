@@ -7,7 +7,9 @@ MoT width 32, 2 blocks, 2 heads. The command line (TINY_ARGS) runs the toy prese
 widths on the 32x32 world these tests were written for (pixel patch 8, ViT patch 4, 2x2 pooling:
 4x4 rep tokens, an MLP pixel head of width 32), whatever geometry the toy recipe itself uses.
 The tiny model keeps the linear pixel head (pix_head_hidden=0) that most hand checks assume;
-tests of the MLP head set it.
+tests of the MLP head set it. Both also keep one question per understanding image and shared
+attention, the toy's settings when these tests were written; the toy's three turns and
+per-modality attention have tests of their own (test_data, test_model, test_packing, test_ddp).
 """
 
 import json
@@ -27,13 +29,15 @@ TINY_ARGS = ["--config", "toy",
              "--set", "model.vq.codebook_size=16", "--set", "model.sample.steps=2",
              "--set", "model.image_size=32", "--set", "model.patch_size=8",
              "--set", "model.vit.patch_size=4", "--set", "model.vq.pool=2", "--set", "model.pix_head_hidden=32",
-             "--set", "train.batch_size=8", "--set", "train.und_batch_size=4", "--eval-per-kind", "0"]
+             "--set", "train.batch_size=8", "--set", "train.und_batch_size=4", "--eval-per-kind", "0",
+             "--set", "train.und_turns=1", "--set", "model.mot.shared_attention=true"]
 
 TINY = [
     "model.mot.dim=32", "model.mot.depth=2", "model.mot.heads=2",
     "model.vit.dim=32", "model.vit.depth=1", "model.vit.heads=2",
     "model.vq.codebook_size=16", "model.image_size=16", "model.patch_size=4",
     "model.vit.patch_size=4", "model.vq.pool=2", "model.max_text_len=40", "model.pix_head_hidden=0",
+    "train.und_turns=1", "model.mot.shared_attention=true",
 ]
 
 

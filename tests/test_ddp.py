@@ -118,9 +118,13 @@ def runs(tmp_path_factory):
             (tmp / name / who).mkdir(parents=True)
             shutil.copy(base / "ckpt.pt", tmp / name / who / "ckpt.pt")
             shutil.copy(base / "log.jsonl", tmp / name / who / "log.jsonl")
-        for name in ("resume", "accum", "fresh", "shapes", "variants", "packed"):
+        for name in ("resume", "accum", "fresh", "shapes", "variants", "packed", "turns"):
             d[name] = tmp / name
-        ports = free_ports(6)
+        ports = free_ports(7)
+        # the toy's own understanding format and attention on the shapes world (a folder's
+        # images have one caption, so one turn): three questions per image, per-modality q/k/v/o
+        turns = ["--max-steps", "2", "--set", "train.warmup_steps=1", "--set", "train.und_turns=3",
+                 "--set", "model.mot.shared_attention=false"]
         variants = [*data, "--continuous-rep", "--repa", "--max-steps", "2"]
         scenarios = [
             {"port": ports[0], "argv": ranked_argv([*data, "--resume", "--max-steps", "3"],
@@ -136,6 +140,7 @@ def runs(tmp_path_factory):
             # packed rows (nanorf/packing.py): each rank's 4 + 2 examples in rows of 400 tokens
             {"port": ports[5], "argv": ranked_argv([*data, "--resume", "--max-steps", "3", "--tokens-per-rank", "400"],
                                                    [d["packed"] / "rank0", d["packed"] / "rank1"])},
+            {"port": ports[6], "argv": ranked_argv(turns, [d["turns"] / "rank0", d["turns"] / "rank1"])},
         ]
         procs = start_ranks(tmp, scenarios)
         try:
@@ -143,6 +148,7 @@ def runs(tmp_path_factory):
             # resume reference (1 rank x 1 micro-batch of 8) is also accum's (2 ranks x 2 x 2)
             train.main([*TINY, *data, "--resume", "--max-steps", "3", "--out-dir", str(d["resume"] / "ref")])
             train.main([*TINY, *variants, "--out-dir", str(d["variants"] / "ref")])
+            train.main([*TINY, *turns, "--out-dir", str(d["turns"] / "ref")])
         finally:
             wait_ranks(tmp, procs)
         yield d
@@ -162,6 +168,12 @@ def assert_same_training(ref_dir: Path, ddp_dir: Path, step: int):
     assert_state_close(ref["targets"], ddp["targets"], "targets (EMA encoder + codebook)")
     for i, (sa, sb) in enumerate(zip(ref["optimizer"]["state"].values(), ddp["optimizer"]["state"].values())):
         assert_state_close(sa, sb, f"optimizer state {i}")
+
+
+def test_ddp_with_understanding_turns_and_per_modality_attention_matches_single_process(runs):
+    assert_same_training(runs["turns"] / "ref", runs["turns"] / "rank0", 2)
+    ck = load_checkpoint(runs["turns"] / "rank0" / "ckpt.pt")
+    assert ck["config"]["train"]["und_turns"] == 3 and not ck["config"]["model"]["mot"]["shared_attention"]
 
 
 def test_ddp_matches_single_process(runs):
