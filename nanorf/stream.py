@@ -147,6 +147,7 @@ class Stream:
         for k in idx:
             it = self._item(self.und, step * t.und_batch_size + k)
             rng = random.Random(f"{t.seed}:qa:{step * t.und_batch_size + k}")
+            # one turn keeps the single-question draw runs made before und_turns existed
             turns = [rng.choice(it["qa"])] if t.und_turns == 1 else rng.sample(it["qa"], min(t.und_turns, len(it["qa"])))
             (q, a), *rest = [(self.model.question_ids(q), tok.encode(a, L)) for q, a in turns]
             qs.append(q), ans.append(a), more.append(rest), imgs.append(it["image"])
