@@ -294,7 +294,7 @@ def _toy() -> Config:
     # recipe runs on the shapes world v2, seed 0 unless said; strict = GenEval's rules with nothing
     # extra allowed, 50 held-out prompts per kind). Not yet good enough: 1,600 steps of this
     # recipe scored strict overall 0.476 / 0.416 with seeds 0, 1 against issue 9's goal of 0.8,
-    # and --no-rf 0.256 with seed 0 (README, "Results on the toy", "Ablations"). Numbers
+    # and --no-rf 0.256 / 0.256 (README, "Results on the toy", "Ablations"). Numbers
     # below that name no recipe are from the previous default: one question per understanding
     # image and shared attention (strict 0.432 / 0.376).
     #  * a tanh on the pixel head's output (pix_head_tanh; JiT's head is linear): the x-prediction
