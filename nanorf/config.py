@@ -289,77 +289,48 @@ def _from_dict(cls, d):
 
 
 def _toy() -> Config:
-    # The CPU smoke test on 2 cores (12-15 min of training by the machine). Differences from
-    # the paper's shapes, each for the toy only, with the measurement that chose it (issue 9's
-    # recipe runs on the shapes world v2, seed 0 unless said; strict = GenEval's rules with nothing
-    # extra allowed, 50 held-out prompts per kind). Not yet good enough: 1,600 steps of this
-    # recipe scored strict overall 0.476 / 0.416 with seeds 0, 1 against issue 9's goal of 0.8,
-    # and --no-rf 0.256 / 0.256 (README, "Results on the toy", "Ablations"). Numbers
-    # below that name no recipe are from the previous default: one question per understanding
-    # image and shared attention (strict 0.432 / 0.376).
-    #  * a tanh on the pixel head's output (pix_head_tanh; JiT's head is linear): the x-prediction
-    #    saturates at the world's flat colours and black background instead of leaving soft
-    #    object edges whose half-bright pixels read as another colour (the "rims": one extra
-    #    object each under the strict rule). Seeds 0 / 1, sampled as below: strict 0.432 / 0.376
-    #    against 0.284 / 0.264 with the linear output; extras per image 2.6 against 4.9 (seed
-    #    0). Chosen on a one-minute proxy (a clean autoencoder of 16-px world patches through a
-    #    128-wide token with this MLP head, 2,000 steps): strict 0.655 with tanh, 0.543 without.
-    #  * pixel guidance only for t <= 0.5 (sample.cfg_interval; the paper applies it at every t):
-    #    seeds 0 / 1 strict 0.432 / 0.376 against 0.348 / 0.276 with guidance at every t; guidance
-    #    near the clean end pushes the edge colours off. Linear-output checkpoints, seeds 0-2:
-    #    0.284 / 0.264 / 0.244 against 0.244 / 0.240 / 0.236.
-    #  * 48 px canvas, ViT patch 16, pooling 1: one ViT patch, and so one representation token,
-    #    per cell of the 3x3 world (N = 9). Patch 16 makes understanding cheap (9 ViT tokens).
-    #    Pooling 1 instead of the paper's 2x2 keeps N = 9.
-    #  * pixel patch 16, as in the paper: one patch per cell, so one object is one token. With
-    #    8-px patches (the previous recipe) the 2x2 patches of an object disagreed at their
-    #    seams (a dark cross through squares, colour quadrants) and each piece counted as an
-    #    extra object: 12 extras per image, strict 0.112-0.152.
+    # The CPU smoke test on 2 cores (12-15 min of training by the machine). Each difference from
+    # the paper's shapes is for the toy only and carries the measurement that chose it (issue 9's
+    # shapes world v2, seed 0 unless said; strict = GenEval's rules with nothing extra allowed,
+    # 50 held-out prompts per kind). The README ("Results on the toy", "Ablations") has every run.
+    # This recipe, 1,600 steps: strict overall 0.476 / 0.416 (seeds 0 / 1; the goal is 0.8),
+    # pixel-only (--no-rf) 0.256 / 0.256. "Previous default" below: one question per
+    # understanding image and shared attention (0.432 / 0.376).
+    #  * 48 px, ViT patch 16, pooling 1: one ViT patch, so one representation token, per cell of
+    #    the 3x3 world (N = 9); 9 ViT tokens make understanding cheap.
+    #  * pixel patch 16, as the paper: one object is one token. 8-px patches disagreed at their
+    #    seams (a dark cross, colour quadrants), each piece an extra object: strict 0.112-0.164.
     #  * a GELU MLP pixel head of width 512 (pix_head_hidden): a linear head from the 128-wide
-    #    trunk draws a 768-value patch from at most 128 directions, and the best rank-128 linear
-    #    reconstruction (PCA) of 16-px patches scores only 0.571 strict (0.854 at rank 256, 0.952
-    #    at 384; 8-px patches: 1.0 at 128). Patch 16 + MLP head: 0.84 s/step against 1.07 for the
-    #    old recipe (same load, 30 steps each).
+    #    trunk is rank 128, and the best rank-128 reconstruction (PCA) of 16-px patches scores
+    #    0.571 strict (rank 384: 0.952). Width 1,024: 0.376 against 0.432 (previous default).
+    #  * a tanh on the head's output (pix_head_tanh; JiT's head is linear): the x-prediction
+    #    saturates at the flat colours and black instead of leaving half-bright rims that read
+    #    as another colour. Seeds 0 / 1: 0.432 / 0.376 against 0.284 / 0.264; 2.6 extras per
+    #    image against 4.9.
+    #  * pixel guidance only for t <= 0.5 (sample.cfg_interval; the paper guides every t):
+    #    0.432 / 0.376 against 0.348 / 0.276; guidance near the clean end pushes edge colours off.
     #  * words as tokens (tokenizer "bytes+shapes": each of the world's 42 words is one token,
-    #    as Qwen's BPE makes them; other text stays bytes): captions shrink 3-4x (41 bytes ->
-    #    10 tokens), and the step to 0.46 s. That buys 1,600 steps in the budget of the old 780.
-    #  * tau = 0.01 instead of 0.5: features of a from-scratch encoder on a mostly black world
-    #    are nearly collinear (mean cosine 0.84 at 48 px / patch 16), so at tau = 0.5 the code
-    #    softmax is flat and the batch softmax decides (measured on the 32 px world: the same
-    #    image got the same code only 29% of the time when its batch-mates changed; 98% at 0.01).
-    #  * encoder EMA 0.999 and codebook momentum 0.99: targets that move fast enough for a short
-    #    run; K = 64 codes for 9 tokens of a world of 19 cell contents. About 12 codes stay in
-    #    use, and they merge circles with squares of the same colour (vq.init "farthest" and the
-    #    paper's encoder EMA 0.9999 kept all 19 apart, but that one-seed run scored no better:
-    #    nanorf/vq.py).
-    #  * flow noise scale 2 (JiT's knob; 1 at 256 px, 2 at 512 px): flat 16-px patches keep their
-    #    layout through weak noise, so at scale 1 the pixels could read the layout off z_t and had
-    #    little reason to read the plan. At scale 1 RF scored 0.228 / 0.048 / 0.056 (seeds 0-2),
-    #    and seed 1's pixel block ignored its plan (plan-swap 0.250 with it, 0.237 without); at
-    #    scale 2 seed 1 scored 0.240 and followed its plan (0.658 against 0.171), seed 0 0.244.
-    #    Scale 3, seed 0: strict 0.244 again, plan-swap 0.566 against 0.118; 2 stays.
-    #  * Measured and dropped: 8-px pixel patches with a linear head and word tokens (0.79 s/step,
-    #    1,100 steps in the same time: strict 0.164, 10.5 extras per image); a fifth of the flow
-    #    times drawn uniform (flow.p_uniform 0.2, to train the clean end: strict 0.228, 6.1
-    #    extras, the same as without); p_mean 0 / p_std 1 for the flow time (strict 0.000 with
-    #    the old recipe: the noisy end composes the picture, so JiT's (-0.8, 0.8) stays); sampler
-    #    settings (CFG 1-5, 50 steps, Heun, rep CFG and temperature: strict 0.08-0.14 on the old
-    #    quickstart checkpoint, against 0.13 as sampled). With the linear-output head (seed 0):
-    #    LR warmdown over the last 30% (train.decay_frac 0.3) 0.228 against 0.244; the pretrained
-    #    encoder (--vit-init) with vq.init "farthest" and encoder EMA 0.9999, 49 codes in use:
-    #    0.216, plan-swap 0.382 against 0.605; x4 LR on the generation parameters
-    #    (new_param_lr_mult 3, the paper's knob) 0.080. With the previous default (seed 0): a pixel head
-    #    of 1,024 hidden units 0.376 (2.5 extras) against 0.432 (2.6) with 512.
-    #  * three questions per understanding image (und_turns 3: the image once, then three
-    #    question-answer turns), with attention projections per modality (shared_attention False,
-    #    BAGEL's MoT; the paper's wording reads as shared). One question per image left the
-    #    answers near constant (seeds 0 / 1: color 0.390 / 0.183, describe 0.030 / 0.000). Three
-    #    turns with shared attention lifted them (color 0.902 / 0.610, describe 0.670 / 0.340) but
-    #    cost RF's generation: strict 0.368 / 0.264, plan-swap 0.750 / 0.671, against 0.432 / 0.376
-    #    and 0.882 / 0.842. With per-modality attention as well: strict 0.476 / 0.416, color 0.646
-    #    / 0.622, describe 0.290 / 0.340. Cost: 1.25x the step of one turn with shared attention
-    #    (50-step runs back to back: 0.497 against 0.398 s; three turns alone 0.450).
-    #    und_batch_size 32 instead (seed 0, 1.13x): where 0.716 against 0.302, strict 0.396.
+    #    as Qwen's BPE makes them): captions 3-4x shorter, the step 0.84 -> 0.46 s, which buys
+    #    1,600 steps.
+    #  * tau = 0.01 instead of 0.5: a from-scratch encoder's features on a mostly black world are
+    #    nearly collinear (mean cosine 0.84), so at 0.5 the batch softmax decides the code (the
+    #    same image kept its code 29% of the time when its batch-mates changed; 98% at 0.01).
+    #  * encoder EMA 0.999, codebook momentum 0.99, K = 64: targets that move within a short run.
+    #    About 12 codes stay in use, merging circles and squares of one colour; codes kept apart
+    #    (vq.init "farthest" with EMA 0.9999) scored no better (nanorf/vq.py).
+    #  * flow noise scale 2 (JiT's knob): at scale 1 flat 16-px patches keep their layout through
+    #    weak noise and the pixels can ignore the plan: seeds 0-2 0.228 / 0.048 / 0.056, seed 1
+    #    plan-swap 0.250 with its plan, 0.237 without; at 2, seed 1 0.240 and 0.658 against
+    #    0.171. Scale 3: no better (0.244).
+    #  * three questions per understanding image (und_turns 3) and attention projections per
+    #    modality (shared_attention False, BAGEL's MoT; the paper's are shared). One question
+    #    left the answers near constant (color 0.390 / 0.183, describe 0.030 / 0.000); three
+    #    with shared attention answered (color 0.902 / 0.610) but cost RF's generation (0.368 /
+    #    0.264); per modality as well: strict 0.476 / 0.416, color 0.646 / 0.622. Cost: 1.25x
+    #    the previous default's step (0.497 against 0.398 s, 50-step runs back to back).
+    #  * Measured and dropped (README, "What else was measured on the way"): a fifth of flow times uniform,
+    #    p_mean 0 / p_std 1, an LR warmdown, x3 LR on new parameters, the pretrained encoder,
+    #    und_batch_size 32, sampler settings (CFG weights, steps, Heun, rep temperature).
     return Config(
         name="toy",
         model=ModelConfig(
