@@ -292,7 +292,7 @@ def _toy() -> Config:
     # The CPU smoke test on 2 cores (12-15 min of training by the machine). Each difference from
     # the paper's shapes is for the toy only and carries the measurement that chose it (issue 9's
     # shapes world v2, seed 0 unless said; strict = GenEval's rules with nothing extra allowed,
-    # 50 held-out prompts per kind). The README ("Results on the toy", "Ablations") has every run.
+    # 50 held-out prompts per kind). docs/toy_log.md has every run.
     # This recipe, 1,600 steps: strict overall 0.476 / 0.416 (seeds 0 / 1; the goal is 0.8),
     # pixel-only (--no-rf) 0.256 / 0.256. "Previous default" below: one question per
     # understanding image and shared attention (0.432 / 0.376).
@@ -328,7 +328,7 @@ def _toy() -> Config:
     #    with shared attention answered (color 0.902 / 0.610) but cost RF's generation (0.368 /
     #    0.264); per modality as well: strict 0.476 / 0.416, color 0.646 / 0.622. Cost: 1.25x
     #    the previous default's step (0.497 against 0.398 s, 50-step runs back to back).
-    #  * Measured and dropped (README, "What else was measured on the way"): a fifth of flow times uniform,
+    #  * Measured and dropped (docs/toy_log.md): a fifth of flow times uniform,
     #    p_mean 0 / p_std 1, an LR warmdown, x3 LR on new parameters, the pretrained encoder,
     #    und_batch_size 32, sampler settings (CFG weights, steps, Heun, rep temperature).
     return Config(
