@@ -30,7 +30,6 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from nanorf.config import Config
 from nanorf.model import RFModel
 from nanorf.stream import Stream
 from nanorf.targets import RepresentationTargets
@@ -103,19 +102,16 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=4, help="training batches to average over (steps past the run's end)")
     p.add_argument("--json", help="also write the table to this JSON file")
     args = p.parse_args(argv)
-    from nanorf.checkpoint import CheckpointError, load_checkpoint
+    from nanorf.checkpoint import CheckpointError, load_checkpoint, load_model
     from nanorf.targets import targets_from_checkpoint
-    from nanorf.variants import build_model
     try:
         if args.batches < 1:
             raise CheckpointError("--batches must be at least 1")
         ck = load_checkpoint(args.ckpt)
+        model, cfg, _ = load_model(args.ckpt, ema=False, ck=ck)  # the weights the losses train
     except CheckpointError as e:
         print(f"experiments.grad_share: error: {e}", file=sys.stderr)
         sys.exit(2)
-    cfg = Config.from_dict(ck["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(ck["model"])
     model.train()
     targets = targets_from_checkpoint(ck, cfg.model, model.vit)
     steps = [ck["step"] + 37 * i for i in range(args.batches)]  # batches the run never trained on
