@@ -99,7 +99,7 @@ def guide(v: torch.Tensor, n: int, t: float, s: SamplingSettings) -> torch.Tenso
 def add_sampling_args(p) -> None:
     """The command-line flags of sample.py and nanorf.eval that override the checkpoint's
     SamplingSettings, one field each; a flag left unset keeps the checkpoint's value."""
-    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the config's, 25)")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the checkpoint's; the paper's 25, the toy's 100)")
     p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver")
     p.add_argument("--cfg-pix", type=float, default=None, help="pixel guidance w_pix (paper 3.0; 1 = off)")
     p.add_argument("--cfg-rep", type=float, default=None, help="rep-token logit guidance w_rep (paper 2.0; 1 = off)")
