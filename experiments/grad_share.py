@@ -61,7 +61,7 @@ def loss_gradients(model: RFModel, targets: RepresentationTargets | None, stream
     """{loss: {group: [flat gradient per step]}}: each loss of each step's batch back-propagated alone."""
     shared = model.cfg.mot.shared_attention
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = sorted({group_of(n, shared) for n, _ in named})
+    group = [group_of(n, shared) for n, _ in named]  # per parameter, in `named`'s order
     out: dict = {}
     t = stream.cfg.train
     for s in steps:
@@ -74,9 +74,9 @@ def loss_gradients(model: RFModel, targets: RepresentationTargets | None, stream
             if not loss.requires_grad:  # pixel-only: L_Rep is the constant 0
                 continue
             grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)
-            for g in groups:
+            for g in sorted(set(group)):
                 flat = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten()
-                                  for (n, p), x in zip(named, grads) if group_of(n, shared) == g])
+                                  for (_, p), x, pg in zip(named, grads, group) if pg == g])
                 out.setdefault(name, {}).setdefault(g, []).append(flat)
     return out
 

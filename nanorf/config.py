@@ -295,8 +295,8 @@ def _toy() -> Config:
     # 50 held-out prompts per kind). docs/toy_log.md has every run.
     # This recipe, 1,600 steps: strict overall 0.476 / 0.416 (seeds 0 / 1, 25 ODE steps; the goal
     # is 0.8), pixel-only (--no-rf) 0.256 / 0.256; with 100 ODE steps 0.472 / 0.508 (another
-    # machine, where 25 gave 0.416 / 0.448), pixel-only 0.280 / 0.256. "Previous default" below: one question per
-    # understanding image and shared attention (0.432 / 0.376).
+    # machine, where 25 gave 0.416 / 0.448), pixel-only 0.280 / 0.256. "Previous default"
+    # below: one question per understanding image and shared attention (0.432 / 0.376).
     #  * 48 px, ViT patch 16, pooling 1: one ViT patch, so one representation token, per cell of
     #    the 3x3 world (N = 9); 9 ViT tokens make understanding cheap.
     #  * pixel patch 16, as the paper: one object is one token. 8-px patches disagreed at their

@@ -22,9 +22,10 @@ from nanorf.dinov3 import (IMAGENET_MEAN, IMAGENET_STD, dinov3_config, dinov3_to
 from nanorf.vit import ViT, ffn_hidden_size
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dinov3_parity.pt"
-# Relative to the largest reference value (~13 for the pre-norm tokens): the fixture was made on
-# another CPU, and float32 sums over a few blocks differ there by ~2e-6 relative (2.6e-5 absolute
-# on one machine); a wrong eps, RoPE variant or weight mapping differs by 1e-3 or more.
+# In _compare, relative to the largest reference value (~13 for the pre-norm tokens): the
+# fixture was made on another CPU, and float32 sums over a few blocks differ there by ~2e-6
+# relative (2.6e-5 absolute on one machine); a wrong eps, RoPE variant or weight mapping
+# differs by 1e-3 or more.
 TOL = 1e-5
 # What the tensors cannot say about options_p4 (built with DINOv3's "layernorm" and "max" coordinates).
 OVERRIDES = {"options_p4": dict(norm_eps=1e-6, rope_normalize_coords="max")}
