@@ -216,9 +216,9 @@ def paper1024_probe(dim: int, depth: int, heads: int, fit: bool, device="cpu", d
                 fn()
                 synchronize(dev)
             return timeit(run, repeat)
-        step_cached = timed(lambda: m.pix_head(step_tokens(m, cache, m.embed_pix(z, t), PIX, pix_pos, mask, False)), 2)
-        pix_only = lambda: m.pix_head(m.mot(m.embed_pix(z, t), torch.full((1, m.n_pix), PIX, device=dev),
-                                            pix_pos.expand(1, m.n_pix), full))
+        step_cached = timed(lambda: m.predict_x(step_tokens(m, cache, m.embed_pix(z, t), PIX, pix_pos, mask, False), z), 2)
+        pix_only = lambda: m.predict_x(m.mot(m.embed_pix(z, t), torch.full((1, m.n_pix), PIX, device=dev),
+                                             pix_pos.expand(1, m.n_pix), full), z)
         step_alone = timed(pix_only, 2)
         step_uncached = timed(lambda: m.gen_forward(prompt, codes, z, t), 1)
     out.update(step_cached_s=step_cached, step_pixels_alone_s=step_alone, step_uncached_s=step_uncached)

@@ -166,6 +166,7 @@ class ModelConfig:
     patch_size: int = 16           # pixel patch side for generation (paper: 16)
     pix_head_hidden: int = 0       # > 0: the pixel head is a GELU MLP with this hidden width; 0 = linear (JiT)
     pix_head_tanh: bool = False    # True: x-prediction through tanh, bounded to the pixels' [-1, 1]; False = JiT's
+    pix_field: int = 0             # > 0: a per-pixel MLP of this width refines the head from each pixel's noisy value (pixel_field.py); 0 = JiT's head
     max_text_len: int = 128        # tokens of prompt / question / answer the sequence can hold
     rf: bool = True                # False = pixel-only baseline (no representation tokens)
     rep_target: str = "discrete"   # "discrete": VQ codes, AR cross-entropy (RF); "continuous": Table 3c's

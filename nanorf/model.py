@@ -69,6 +69,7 @@ from .layout import NO_BLOCK, Layout, generation_layout, understanding_layout
 from .moe import MoEFFN
 from .mot import MoT, PAD, PIX, REP, UND, attention_mask
 from .patches import patchify, resize_grid_table, sincos_2d
+from .pixel_field import PixelField
 from .tokenizer import make_tokenizer
 from .vit import ViT, Connector
 
@@ -250,6 +251,7 @@ class RFModel(nn.Module):
         h = cfg.pix_head_hidden
         out = TanhLinear if cfg.pix_head_tanh else nn.Linear
         self.pix_head = nn.Sequential(nn.Linear(D, h), nn.GELU(), out(h, p * p * 3)) if h else out(D, p * p * 3)
+        self.pix_field = PixelField(D, p, cfg.pix_field) if cfg.pix_field else None
         self.mot = MoT(cfg.mot)
         self._init_weights()
 
@@ -278,6 +280,16 @@ class RFModel(nn.Module):
         """The pixel head's last (output) layer: the head itself, or its MLP's last Linear."""
         return self.pix_head[-1] if isinstance(self.pix_head, nn.Sequential) else self.pix_head
 
+    def predict_x(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x-prediction for pixel tokens: final hidden states h (.., D) of noisy patches z
+        (.., p*p*3) -> (.., p*p*3). The head alone, or with `pix_field` its logits refined pixel
+        by pixel from z (pixel_field.py) before the head's tanh."""
+        if self.pix_field is None:
+            return self.pix_head(h)
+        body = self.pix_head[:-1](h) if isinstance(self.pix_head, nn.Sequential) else h
+        logits = self.pix_field(h, F.linear(body, self.pix_out.weight, self.pix_out.bias), z)
+        return torch.tanh(logits) if self.cfg.pix_head_tanh else logits
+
     def new_parameters(self) -> list[nn.Parameter]:
         """The parameters the paper trains at x4 learning rate, "newly initialised generation
         parameters" (docs/method.md, "Training recipe and stages"). For a model filled from
@@ -290,7 +302,7 @@ class RFModel(nn.Module):
     def new_by_module(self) -> list[nn.Parameter]:
         """Everything only rep and pixel tokens pass through (their experts and final norms,
         embeddings, heads, the t-embedding): the new set of a model trained from scratch."""
-        mods = [self.pix_emb, self.t_emb, self.pix_head]
+        mods = [self.pix_emb, self.t_emb, self.pix_head] + ([self.pix_field] if self.pix_field is not None else [])
         mods += self.mot.expert_modules(PIX)
         if self.rep is not None:
             mods += [self.rep] + self.mot.expert_modules(REP)
@@ -442,7 +454,7 @@ class RFModel(nn.Module):
             c = lay.rep_cols
             out.rep = self.rep.readout(h[:, c.start - 1:c.stop])                   # (B, n+1, K)
         if z is not None:
-            out.x_pred = self.pix_head(h[:, lay.pix_cols])                         # (B, M, p*p*3)
+            out.x_pred = self.predict_x(h[:, lay.pix_cols], z)                     # (B, M, p*p*3)
         return out
 
     def und_forward(self, images, questions, answers, eos: bool = True, follow_ups=None):

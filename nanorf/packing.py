@@ -247,7 +247,8 @@ def packed_loss(model: RFModel, p: Pack, n_gen: int, n_und: int, dense: bool = F
     l_rep, l_fm, l_lm = zero, zero, zero
     for grp in gens:
         B = grp["B"]
-        x_pred = model.pix_head(h[grp["pix"]]).view(B, -1, grp["x0"].shape[-1])    # (B, M, P)
+        z = grp["z"]
+        x_pred = model.predict_x(h[grp["pix"]].view(*z.shape[:2], -1), z)           # (B, M, P)
         # fm_loss and rep.loss are means over the group's equal-sized examples: x B is their sum
         l_fm = l_fm + B * fm_loss(x_pred, grp["x0"], grp["eps"], grp["z"], grp["t"], cfg.flow.t_eps)
         if cfg.rf:

@@ -243,7 +243,7 @@ def sample_cached(model: RFModel, prompts: list[list[int]], s: SamplingSettings,
         zz = z.repeat(len(branches), 1, 1)
         tt = torch.full((R,), t, device=dev)
         h = step_tokens(model, cache, model.embed_pix(zz, tt, g.pix), PIX, pos, pix_mask, write=False)
-        return guide(velocity(model.pix_head(h).float(), zz, tt, 1e-6), B, t, s)
+        return guide(velocity(model.predict_x(h, zz).float(), zz, tt, 1e-6), B, t, s)
 
     images = integrate(model, v_fn, B, s, generator, size)
     return images, (None if codes is None else codes[:B])

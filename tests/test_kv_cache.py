@@ -35,8 +35,12 @@ def test_cached_sampling_equals_reference(tiny_model, rf, guidance, prompts):
     assert not torch.allclose(a, c, atol=1e-3)
 
 
-def test_cached_sampling_equals_reference_with_tanh_head(tiny_model):
-    m = tiny_model("model.pix_head_tanh=true")
+@pytest.mark.parametrize("field", [0, 8])
+def test_cached_sampling_equals_reference_with_tanh_head(tiny_model, field):
+    """The tanh head, and with pix_field the per-pixel refinement that also reads z."""
+    m = tiny_model("model.pix_head_tanh=true", f"model.pix_field={field}")
+    if field:
+        torch.nn.init.normal_(m.pix_field.out.weight, std=0.5)   # zero-initialised: make it act
     a, ca = text_to_image(m, PROMPTS, torch.Generator().manual_seed(3), kv_cache=True, steps=4)
     b, cb = text_to_image(m, PROMPTS, torch.Generator().manual_seed(3), kv_cache=False, steps=4)
     assert torch.equal(ca, cb) and torch.allclose(a, b, atol=1e-4), (a - b).abs().max()

@@ -55,9 +55,13 @@ def test_first_fit():
         split_to([[0], [1]], 3)
 
 
-def test_packed_loss_and_gradients_equal_the_padded_batch(tiny_model):
-    """Same examples, same sizes: RFModel.forward on the padded batch vs packs of 2 rows."""
-    model = tiny_model()
+@pytest.mark.parametrize("field", [0, 8])
+def test_packed_loss_and_gradients_equal_the_padded_batch(tiny_model, field):
+    """Same examples, same sizes: RFModel.forward on the padded batch vs packs of 2 rows
+    (with pix_field, the per-pixel refinement reads each pack's noisy patches)."""
+    model = tiny_model(f"model.pix_field={field}")
+    if field:
+        torch.nn.init.normal_(model.pix_field.out.weight, std=0.5)
     model.train()
     gen, und = _gen(model, 3, (16, 16), 0), _und(model, 3, (16, 16), 1)
     model.zero_grad()
