@@ -129,6 +129,7 @@ class SamplingSettings:
     A model's defaults live in ModelConfig.sample; sampler.text_to_image takes overrides."""
     steps: int = 25                # ODE steps (paper: 25)
     solver: str = "euler"          # "euler" or "heun"
+    renoise_from: float = 1.0      # steps starting at t >= this re-noise the x-prediction afresh (flow.renoise_step); 1 = the ODE all the way
     shift: float = 0.0             # SD3 timestep shift; 0 = derive from the resolution (flow.resolution_shift)
     cfg_pix: float = 3.0           # pixel guidance w_pix (paper: 3.0; 1 = off)
     cfg_rep: float = 2.0           # rep-token logit guidance w_rep (paper: 2.0; 1 = off)
@@ -341,9 +342,10 @@ def _toy() -> Config:
     return Config(
         name="toy",
         model=ModelConfig(
-            image_size=48, patch_size=16, pix_head_hidden=512, pix_head_tanh=True, max_text_len=160,
+            image_size=48, patch_size=16, pix_head_hidden=512, pix_head_tanh=True, pix_field=64, max_text_len=160,
             tokenizer="bytes+shapes",
-            flow=FlowConfig(noise_scale=2.0), sample=SamplingSettings(steps=100, cfg_interval=(0.0, 0.5)),
+            flow=FlowConfig(noise_scale=2.0),
+            sample=SamplingSettings(steps=100, cfg_interval=(0.0, 0.5), renoise_from=0.7),
             vit=ViTConfig(patch_size=16, dim=96, depth=3, heads=3, layerscale_init=0.1),
             vq=VQConfig(codebook_size=64, tau=0.01, momentum=0.99, pool=1, encoder_ema=0.999),
             mot=MoTConfig(dim=128, depth=4, heads=4, shared_attention=False),

@@ -14,7 +14,7 @@ t = sigmoid(N(p_mean, p_std)) with (-0.8, 0.8), optionally mixed with a uniform 
 (1 - t) clamped below at t_eps = 0.05 so the division never blows up near t = 1.
 
 Sampling (docs/method.md, "Sampling") integrates dz/dt = v from t = 0 to 1 over a time
-grid with the SD3 shift (the paper's "dynamic timestep shifting"), applied to the noise level sigma = 1 - t:
+grid (with `renoise_step`, our addition, stochastic from some t on) with the SD3 shift (the paper's "dynamic timestep shifting"), applied to the noise level sigma = 1 - t:
 sigma' = s * sigma / (1 + (s - 1) * sigma). s > 1 spends more steps at high noise,
 which larger images need because their noise destroys less of the signal per pixel.
 """
@@ -85,6 +85,26 @@ def ode_step(velocity_fn, z: torch.Tensor, t0: float, t1: float, solver: str = "
     z1 = z + dt * v0
     v1 = velocity_fn(z1, t1)
     return z + dt * 0.5 * (v0 + v1)
+
+
+def renoise_step(velocity_fn, z: torch.Tensor, t0: float, t1: float, noise_scale: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """One stochastic step from t0 to t1: the x-prediction implied by v, noised afresh to t1.
+
+        x = z + (1 - t0) v          (the x_theta that v = (x_theta - z) / (1 - t0) came from)
+        z' = t1 x + (1 - t1) eps',  eps' ~ N(0, noise_scale^2 I), new at every step
+
+    The Euler step is the same with eps' = z - t0 v, the noise the prediction implies, kept
+    (z + (t1 - t0) v = t1 x + (1 - t1)(z - t0 v)); drawing it afresh instead is DDPM's ancestral
+    step in flow terms (DDIM's eta = 1). Each step then hands the network a state of the kind
+    it was trained on, a clean image plus Gaussian noise, where an ODE state near t = 1 can hold
+    soft, noiseless edges that no training input had. Into t1 = 1 it returns x itself."""
+    v = velocity_fn(z, t0)
+    x = z + (1 - t0) * v
+    if t1 >= 1.0:
+        return x
+    eps = torch.randn(z.shape, generator=generator).to(z.device, z.dtype) * noise_scale
+    return t1 * x + (1 - t1) * eps
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

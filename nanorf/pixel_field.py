@@ -33,6 +33,10 @@ import torch.nn.functional as F
 class PixelField(nn.Module):
     """(h (.., D), logits (.., p*p*3), z (.., p*p*3)) -> refined logits (.., p*p*3)."""
 
+    chunk = 128   # tokens per pass: one pass over the toy's 64 x 9 tokens, (576, 256, 64) floats per
+    # activation, falls out of the CPU's cache and took twice as long (2 cores); any chunk gives the
+    # same numbers (tests/test_pixel_field.py)
+
     def __init__(self, dim: int, patch_size: int, width: int):
         super().__init__()
         self.p = patch_size
@@ -46,7 +50,14 @@ class PixelField(nn.Module):
 
     def forward(self, h: torch.Tensor, logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         lead, P = logits.shape[:-1], logits.shape[-1]
-        pix = torch.cat([z.reshape(*lead, -1, 3), logits.reshape(*lead, -1, 3)], -1)  # (.., p*p, 6)
-        a = self.inp(pix) + self.place + self.cond(h).unsqueeze(-2)                    # (.., p*p, W)
-        delta = self.out(F.gelu(self.mid(F.gelu(a))))                                  # (.., p*p, 3)
-        return logits + delta.reshape(*lead, P)
+        h, logits, z = h.reshape(-1, h.shape[-1]), logits.reshape(-1, P), z.reshape(-1, P)   # n tokens
+        parts = zip(h.split(self.chunk), logits.split(self.chunk), z.split(self.chunk))
+        return torch.cat([self.refine(*part) for part in parts]).view(*lead, P)
+
+    def refine(self, h: torch.Tensor, logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The module docstring's equations for n tokens: h (n, D), logits and z (n, p*p*3)."""
+        n, P = logits.shape
+        pix = torch.cat([z.view(n, -1, 3), logits.view(n, -1, 3)], -1)                # (n, p*p, 6)
+        a = self.inp(pix) + self.place + self.cond(h).unsqueeze(1)                     # (n, p*p, W)
+        delta = self.out(F.gelu(self.mid(F.gelu(a))))                                  # (n, p*p, 3)
+        return logits + delta.view(n, P)

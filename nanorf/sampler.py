@@ -32,7 +32,7 @@ import torch
 
 from .checkpoint import atomic_path
 from .config import SamplingSettings
-from .flow import ode_step, resolution_shift, time_grid, velocity
+from .flow import ode_step, renoise_step, resolution_shift, time_grid, velocity
 from .layout import Layout
 from .model import RFModel, sample_logits
 from .patches import unpatchify
@@ -101,6 +101,9 @@ def add_sampling_args(p) -> None:
     SamplingSettings, one field each; a flag left unset keeps the checkpoint's value."""
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the checkpoint's; the paper's 25, the toy's 100)")
     p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver")
+    p.add_argument("--renoise-from", type=float, default=None, metavar="T",
+                   help="steps from t >= T re-noise the x-prediction afresh instead of following the ODE "
+                        "(1 = never; the toy's 0.7)")
     p.add_argument("--cfg-pix", type=float, default=None, help="pixel guidance w_pix (paper 3.0; 1 = off)")
     p.add_argument("--cfg-rep", type=float, default=None, help="rep-token logit guidance w_rep (paper 2.0; 1 = off)")
     p.add_argument("--cfg-mode", choices=("joint", "split", "norep"), default=None,
@@ -115,7 +118,8 @@ def add_sampling_args(p) -> None:
 
 def sampling_overrides(args) -> dict:
     """The SamplingSettings fields set by add_sampling_args' flags: {field: value}."""
-    vals = {"steps": args.steps, "solver": args.solver, "cfg_pix": args.cfg_pix, "cfg_rep": args.cfg_rep,
+    vals = {"steps": args.steps, "solver": args.solver, "renoise_from": args.renoise_from,
+            "cfg_pix": args.cfg_pix, "cfg_rep": args.cfg_rep,
             "cfg_mode": args.cfg_mode, "cfg_pix_rep": args.cfg_pix_rep, "top_k": args.top_k,
             "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None,
             "temperature": args.temperature}
@@ -134,14 +138,19 @@ def sampling_argv(overrides: dict) -> list[str]:
 def integrate(model: RFModel, v_fn, B: int, s: SamplingSettings, generator=None,
               size: tuple[int, int] | None = None) -> torch.Tensor:
     """The pixel ODE of both paths: noise z (B, M, p*p*3) at t = 0, `s.steps` steps of
-    dz/dt = v_fn(z, t) on the shifted grid, then (B, 3, H, W) images in [-1, 1]."""
+    dz/dt = v_fn(z, t) on the shifted grid, then (B, 3, H, W) images in [-1, 1]. Steps that
+    start at t >= s.renoise_from are stochastic instead (flow.renoise_step): fresh noise from
+    the same generator, after the initial noise, so both paths draw alike."""
     cfg, g = model.cfg, model.cfg.grids(size)
     dev = next(model.parameters()).device
     z = torch.randn(B, g.n_pix, cfg.patch_size ** 2 * 3, generator=generator).to(dev) * cfg.flow.noise_scale
     side = (g.size[0] * g.size[1]) ** 0.5  # the shift follows the pixel count: a square of the same area
     ts = time_grid(s.steps, s.shift or resolution_shift(side)).tolist()
     for t0, t1 in zip(ts[:-1], ts[1:]):
-        z = ode_step(v_fn, z, t0, t1, s.solver)
+        if t0 >= s.renoise_from:
+            z = renoise_step(v_fn, z, t0, t1, cfg.flow.noise_scale, generator)
+        else:
+            z = ode_step(v_fn, z, t0, t1, s.solver)
     return unpatchify(z, cfg.patch_size, *g.pix).clamp(-1, 1)
 
 

@@ -179,3 +179,31 @@ def test_timestep_embedding():
     assert torch.allclose(e4[0], want, atol=1e-4)
     # distinct times give distinct embeddings
     assert (e[1] - e[2]).abs().max() > 0.1
+
+
+def test_renoise_step_hand_check_and_euler_identity():
+    """z' = t1 x + (1 - t1) eps' with x = z + (1 - t0) v and eps' fresh from the generator; with
+    eps' = z - t0 v instead it is the Euler step; into t = 1 it returns x."""
+    from nanorf.flow import ode_step, renoise_step
+    g = torch.Generator().manual_seed(0)
+    z, v = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    fn = lambda zz, t: v
+    t0, t1, s = 0.6, 0.7, 2.0
+    x = z + 0.4 * v
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(5)) * s
+    got = renoise_step(fn, z, t0, t1, s, torch.Generator().manual_seed(5))
+    assert torch.allclose(got, 0.7 * x + 0.3 * eps, atol=1e-6)
+    assert torch.allclose(ode_step(fn, z, t0, t1), t1 * x + (1 - t1) * (z - t0 * v), atol=1e-6)
+    assert torch.equal(renoise_step(fn, z, 0.9, 1.0, s, g), z + 0.1 * v)
+
+
+def test_renoise_step_lands_on_the_forward_marginal():
+    """With a perfect denoiser of a point mass x*, one step gives z' ~ N(t1 x*, ((1 - t1) s)^2)
+    whatever z was: the marginal the network was trained on at t1."""
+    from nanorf.flow import renoise_step
+    xs, s = torch.tensor([0.5, -1.0]), 2.0
+    fn = lambda zz, t: (xs - zz) / (1 - t)                       # v of x_theta = x*
+    z = torch.full((20000, 2), 7.0)                              # any state at t0
+    out = renoise_step(fn, z, 0.5, 0.8, s, torch.Generator().manual_seed(1))
+    assert torch.allclose(out.mean(0), 0.8 * xs, atol=0.02)
+    assert torch.allclose(out.std(0), torch.full((2,), 0.2 * s), rtol=0.03)

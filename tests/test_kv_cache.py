@@ -17,7 +17,7 @@ PROMPTS = ["a red circle at the top left and a blue", "a green triangle"]  # tin
 @pytest.mark.parametrize("guidance", [dict(), dict(cfg_pix=1.0), dict(cfg_rep=1.0), dict(cfg_pix=1.0, cfg_rep=1.0),
                                       dict(top_k=3, solver="heun", cfg_interval=(0.2, 0.8)),
                                       dict(cfg_mode="split", cfg_pix_rep=2.0), dict(cfg_mode="split", cfg_rep=1.0),
-                                      dict(cfg_mode="norep")])
+                                      dict(cfg_mode="norep"), dict(renoise_from=0.5)])
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS])
 def test_cached_sampling_equals_reference(tiny_model, rf, guidance, prompts):
     m = tiny_model() if rf else tiny_model("model.rf=false")
