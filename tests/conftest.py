@@ -6,8 +6,9 @@ Tiny shapes: image 16x16, pixel patch 4 (M = 16 patches of 48 values), ViT patch
 MoT width 32, 2 blocks, 2 heads. The command line (TINY_ARGS) runs the toy preset with the tiny
 widths on the 32x32 world these tests were written for (pixel patch 8, ViT patch 4, 2x2 pooling:
 4x4 rep tokens, an MLP pixel head of width 32), whatever geometry the toy recipe itself uses.
-The tiny model keeps the linear pixel head (pix_head_hidden=0) that most hand checks assume;
-tests of the MLP head set it. Both also keep one question per understanding image and shared
+The tiny model keeps the linear pixel head (pix_head_hidden=0, no per-pixel refinement) that
+most hand checks assume; tests of the MLP head and the refinement set them. The command line
+keeps the toy's refinement and stochastic sampling tail, so the end-to-end tests run them. Both also keep one question per understanding image and shared
 attention, the toy's settings when these tests were written; the toy's three turns and
 per-modality attention have tests of their own (test_data, test_model, test_packing, test_ddp).
 """
@@ -37,7 +38,7 @@ TINY = [
     "model.vit.dim=32", "model.vit.depth=1", "model.vit.heads=2",
     "model.vq.codebook_size=16", "model.image_size=16", "model.patch_size=4",
     "model.vit.patch_size=4", "model.vq.pool=2", "model.max_text_len=40", "model.pix_head_hidden=0",
-    "train.und_turns=1", "model.mot.shared_attention=true",
+    "model.pix_field=0", "train.und_turns=1", "model.mot.shared_attention=true",
 ]
 
 
