@@ -13,8 +13,9 @@ t = sigmoid(N(p_mean, p_std)) with (-0.8, 0.8), optionally mixed with a uniform 
 (FlowConfig.p_uniform, our addition; 0 is JiT), and
 (1 - t) clamped below at t_eps = 0.05 so the division never blows up near t = 1.
 
-Sampling (docs/method.md, "Sampling") integrates dz/dt = v from t = 0 to 1 over a time
-grid (with `renoise_step`, our addition, stochastic from some t on) with the SD3 shift (the paper's "dynamic timestep shifting"), applied to the noise level sigma = 1 - t:
+Sampling (docs/method.md, "Sampling") integrates dz/dt = v from t = 0 to 1 (stochastic from
+some t on with `renoise_step`, our addition) over a time grid with the SD3 shift (the paper's
+"dynamic timestep shifting"), applied to the noise level sigma = 1 - t:
 sigma' = s * sigma / (1 + (s - 1) * sigma). s > 1 spends more steps at high noise,
 which larger images need because their noise destroys less of the signal per pixel.
 """

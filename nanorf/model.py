@@ -280,6 +280,11 @@ class RFModel(nn.Module):
         """The pixel head's last (output) layer: the head itself, or its MLP's last Linear."""
         return self.pix_head[-1] if isinstance(self.pix_head, nn.Sequential) else self.pix_head
 
+    def pixel_modules(self) -> list[nn.Module]:
+        """The modules only pixel tokens pass through outside the trunk: patch and t embeddings,
+        the head and its per-pixel refinement (when there is one)."""
+        return [self.pix_emb, self.t_emb, self.pix_head] + ([self.pix_field] if self.pix_field is not None else [])
+
     def predict_x(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x-prediction for pixel tokens: final hidden states h (.., D) of noisy patches z
         (.., p*p*3) -> (.., p*p*3). The head alone, or with `pix_field` its logits refined pixel
@@ -302,8 +307,7 @@ class RFModel(nn.Module):
     def new_by_module(self) -> list[nn.Parameter]:
         """Everything only rep and pixel tokens pass through (their experts and final norms,
         embeddings, heads, the t-embedding): the new set of a model trained from scratch."""
-        mods = [self.pix_emb, self.t_emb, self.pix_head] + ([self.pix_field] if self.pix_field is not None else [])
-        mods += self.mot.expert_modules(PIX)
+        mods = self.pixel_modules() + self.mot.expert_modules(PIX)
         if self.rep is not None:
             mods += [self.rep] + self.mot.expert_modules(REP)
         params = [p for m in mods for p in m.parameters()]

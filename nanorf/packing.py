@@ -250,7 +250,7 @@ def packed_loss(model: RFModel, p: Pack, n_gen: int, n_und: int, dense: bool = F
         z = grp["z"]
         x_pred = model.predict_x(h[grp["pix"]].view(*z.shape[:2], -1), z)           # (B, M, P)
         # fm_loss and rep.loss are means over the group's equal-sized examples: x B is their sum
-        l_fm = l_fm + B * fm_loss(x_pred, grp["x0"], grp["eps"], grp["z"], grp["t"], cfg.flow.t_eps)
+        l_fm = l_fm + B * fm_loss(x_pred, grp["x0"], grp["eps"], z, grp["t"], cfg.flow.t_eps)
         if cfg.rf:
             logits = model.rep.readout(h[grp["read"]]).view(B, -1, model.rep.K)    # (B, N, K)
             l_rep = l_rep + B * model.rep.loss(logits, grp["codes"])

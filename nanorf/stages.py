@@ -34,8 +34,7 @@ FREEZE_GROUPS = {
     "vit": lambda m: [m.vit],                                     # the image encoder
     "connector": lambda m: [m.connector],                         # ViT features -> decoder width
     "llm": lambda m: [m.tok_emb, m.lm_head, m.mot],               # the decoder trunk and text ends
-    "gen": lambda m: [m.pix_emb, m.t_emb, m.pix_head] + ([m.pix_field] if m.pix_field is not None else [])
-                     + ([m.rep] if m.rep is not None else []),
+    "gen": lambda m: m.pixel_modules() + ([m.rep] if m.rep is not None else []),
 }
 
 

@@ -8,8 +8,9 @@ widths on the 32x32 world these tests were written for (pixel patch 8, ViT patch
 4x4 rep tokens, an MLP pixel head of width 32), whatever geometry the toy recipe itself uses.
 The tiny model keeps the linear pixel head (pix_head_hidden=0, no per-pixel refinement) that
 most hand checks assume; tests of the MLP head and the refinement set them. The command line
-keeps the toy's refinement and stochastic sampling tail, so the end-to-end tests run them. Both also keep one question per understanding image and shared
-attention, the toy's settings when these tests were written; the toy's three turns and
+keeps the toy's refinement and stochastic sampling tail, so the end-to-end tests run them.
+Both also keep one question per understanding image and shared attention, the toy's settings
+when these tests were written; the toy's three turns and
 per-modality attention have tests of their own (test_data, test_model, test_packing, test_ddp).
 """
 

@@ -58,9 +58,10 @@ def test_end_of_run_score_equals_nanorf_eval(tmp_path):
                "--cfg-pix", "1.5", "--cfg-interval", "0.2", "0.8", "--steps", "3"])
     flags = json.loads((tmp_path / "f.json").read_text())
     assert flags["sampling"] == {"steps": 3, "cfg_pix": 1.5, "cfg_interval": [0.2, 0.8]}
-    ref = generation_score(load_model(out / "ckpt.pt")[0], n_per_kind=2, seed=0, steps=3, cfg_pix=1.5, cfg_interval=(0.2, 0.8))
+    model = load_model(out / "ckpt.pt")[0]
+    ref = generation_score(model, n_per_kind=2, seed=0, steps=3, cfg_pix=1.5, cfg_interval=(0.2, 0.8))
     assert flags["generation"] == {k: v for k, v in ref.items() if k not in ("images", "prompts")}
-    default = generation_score(load_model(out / "ckpt.pt")[0], n_per_kind=2, seed=0)
+    default = generation_score(model, n_per_kind=2, seed=0)
     assert any((a != b).any() for a, b in zip(default["images"], ref["images"]))    # other settings, other pictures
 
 
