@@ -334,8 +334,10 @@ def _toy() -> Config:
     #    nearly collinear (mean cosine 0.84), so at 0.5 the batch softmax decides the code (the
     #    same image kept its code 29% of the time when its batch-mates changed; 98% at 0.01).
     #  * encoder EMA 0.999, codebook momentum 0.99, K = 64: targets that move within a short run.
-    #    About 12 codes stay in use, merging circles and squares of one colour; codes kept apart
-    #    (vq.init "farthest" with EMA 0.9999) scored no better (nanorf/vq.py).
+    #    About 12 codes stay in use, merging circles and squares of one colour. Codes kept apart
+    #    (vq.init "farthest", EMA 0.9999 / 0.9995; seeds 0 / 1) raised plan-swap to 0.967 / 0.959
+    #    and 0.950 / 0.967 but not strict (0.796 / 0.856, 0.724 / 0.812), and cost RF its lead
+    #    in where-answers (0.46-0.54 against 0.879 / 0.776; docs/toy_log.md).
     #  * flow noise scale 2 (JiT's knob): at scale 1 flat 16-px patches keep their layout through
     #    weak noise and the pixels can ignore the plan: seeds 0-2 0.228 / 0.048 / 0.056, seed 1
     #    plan-swap 0.250 with its plan, 0.237 without; at 2, seed 1 0.240 and 0.658 against
