@@ -296,8 +296,9 @@ def _toy() -> Config:
     # v2, seed 0 unless said; strict = GenEval's rules with nothing extra allowed, 50 held-out
     # prompts per kind). docs/toy_log.md has every run.
     # This recipe, 1,600 steps: strict overall 0.852 (seed 0; the goal is 0.8), 0.844 / 0.860 on
-    # two other draws of held-out prompts; plan-swap 0.942 (goal 0.9), 0.215 with the plan hidden.
-    # The README's "Results on the toy" and "Ablations" have seed 1 and pixel-only.
+    # two other draws of held-out prompts; plan-swap 0.942 (goal 0.9; 0.955 on 256 prompts), 0.215
+    # with the plan hidden. The README's "Results on the toy" and "Ablations" have seed 1 and
+    # pixel-only.
     #  * a per-pixel refinement of the pixel head (pix_field 64, nanorf/pixel_field.py): each pixel
     #    reads its own noisy value. Held-out scenes noised to t = 0.9 and predicted in one step with
     #    their real plans: strict 0.496 without it, 0.984 with it; sampled, 0.456 -> 0.684 (width
@@ -335,9 +336,10 @@ def _toy() -> Config:
     #    same image kept its code 29% of the time when its batch-mates changed; 98% at 0.01).
     #  * encoder EMA 0.999, codebook momentum 0.99, K = 64: targets that move within a short run.
     #    About 12 codes stay in use, merging circles and squares of one colour. Codes kept apart
-    #    (vq.init "farthest", EMA 0.9999 / 0.9995; seeds 0 / 1) raised plan-swap to 0.967 / 0.959
-    #    and 0.950 / 0.967 but not strict (0.796 / 0.856, 0.724 / 0.812), and cost RF its lead
-    #    in where-answers (0.46-0.54 against 0.879 / 0.776; docs/toy_log.md).
+    #    (vq.init "farthest", EMA 0.9999 / 0.9995; seeds 0 / 1) moved plan-swap (256 prompts) from
+    #    0.955 / 0.936 to 0.944 / 0.977 and 0.951 / 0.971, but not strict (0.796 / 0.856, 0.724 /
+    #    0.812), and cost RF its lead in where-answers (0.46-0.54 against 0.879 / 0.776;
+    #    docs/toy_log.md).
     #  * flow noise scale 2 (JiT's knob): at scale 1 flat 16-px patches keep their layout through
     #    weak noise and the pixels can ignore the plan: seeds 0-2 0.228 / 0.048 / 0.056, seed 1
     #    plan-swap 0.250 with its plan, 0.237 without; at 2, seed 1 0.240 and 0.658 against

@@ -47,9 +47,9 @@ Choices the paper leaves open:
         the contents merged again within 300 steps (64 -> 18 codes in use). With the paper's EMA
         0.9999 (or 0.9995) the target encoder stays near its start and 23-51 codes stay in use,
         10-14 of the 19 contents keeping a code of their own; on the toy's recipe (two seeds
-        each) its pixels then follow a real image's plan better (plan-swap 0.95-0.97 against
-        0.942 / 0.868), but strict overall does not rise (0.796 / 0.856 and 0.724 / 0.812
-        against 0.852 / 0.796) and RF's where-answers fall below pixel-only's
+        each) its pixels then follow a real image's plan a little better (plan-swap on 256
+        prompts 0.944-0.977 against 0.955 / 0.936), but strict overall does not rise (0.796 / 0.856
+        and 0.724 / 0.812 against 0.852 / 0.796) and RF's where-answers fall below pixel-only's
         (docs/toy_log.md, "Codes that keep the shapes apart").
     Past M distinct features the rest are drawn with replacement. The noise separates duplicates
     (e.g. many identical background patches), which otherwise tie forever and the higher-index
