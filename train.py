@@ -48,11 +48,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanorf.checkpoint import (CheckpointError, check_model_config, load_checkpoint, load_model, load_vit_weights,
-                               remove_stale_temps)
+from nanorf.checkpoint import (CheckpointError, check_model_config, checkpoint_path, load_checkpoint, load_model,
+                               load_vit_weights, remove_stale_temps)
 from nanorf.config import PRESETS, Config, apply_overrides, get_config
 from nanorf.data import DataError, ImageCaptionFolder
 from nanorf.dcp import is_sharded, load_sharded, read_meta, save_sharded
+from nanorf.distributed import micro_batch_sizes, setup_distributed
 from nanorf.fsdp import clip_grad_norm, shard_encoder, shard_model
 from nanorf.guard import RunStopped, agree_on_step, check_bad_fraction, save, share_bad_items
 from nanorf.model import RFModel, validate
@@ -183,47 +184,6 @@ def lr_at(step: int, t) -> float:
     n_decay = round(t.decay_frac * t.max_steps)
     cool = min(1.0, (t.max_steps - step) / n_decay) if n_decay > 0 else 1.0
     return t.lr * min(warm, cool)
-
-
-def setup_distributed(device_arg, fsdp: bool = False):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and device_arg != "cpu"
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 or fsdp:  # FSDP needs a process group even on one rank (torchrun --nproc_per_node 1)
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if (rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-                and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
-                and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"):
-            # torchrun's c10d rendezvous shares its store with the workers and keeps a failed
-            # attempt's process-group keys in it, so a restarted worker can read a dead peer's
-            # address (pytorch/pytorch#135712); measured here: 6 of 8 gloo restarts failed that way.
-            print("note: torchrun restarts may fail to reconnect unless torchrun runs with "
-                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README, \"Long runs\")")
-    return rank, world, device
-
-
-def checkpoint_path(out_dir: Path, fsdp: bool) -> Path:
-    """Where a run keeps its latest checkpoint: ckpt.pt, or under --fsdp the link ckpt.dcp to
-    the newest sharded folder (nanorf/dcp.py)."""
-    return Path(out_dir) / ("ckpt.dcp" if fsdp else "ckpt.pt")
-
-
-def micro_batch_sizes(t, world: int) -> tuple[int, int, int]:
-    """(gradient-accumulation steps, generation and understanding examples per rank per micro-step).
-    batch_size 0 trains on understanding only (stage 1), in one micro-step."""
-    if t.batch_size == 0:
-        if t.und_batch_size % world:
-            raise ValueError(f"und_batch_size {t.und_batch_size} must split into {world} ranks")
-        return 1, 0, t.und_batch_size // world
-    mb = t.micro_batch_size or t.batch_size // world
-    if t.batch_size % (world * mb) or t.und_batch_size % (t.batch_size // mb):
-        raise ValueError(f"batch_size {t.batch_size} must split into {world} ranks x micro-batches of {mb}, "
-                         f"and und_batch_size {t.und_batch_size} over the same number of micro-batches")
-    accum = t.batch_size // (world * mb)
-    return accum, mb, t.und_batch_size // (world * accum)
 
 
 def train(cfg: Config, out_dir: Path, resume: bool, device_arg=None, log=print) -> dict:

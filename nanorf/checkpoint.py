@@ -44,6 +44,12 @@ class CheckpointError(ValueError):
 TEMP_MARK = "-tmp-"  # in the name of every temporary file atomic_path makes
 
 
+def checkpoint_path(out_dir: Path, fsdp: bool) -> Path:
+    """Where a run keeps its latest checkpoint: ckpt.pt, or under --fsdp the link ckpt.dcp to
+    the newest sharded folder (nanorf/dcp.py)."""
+    return Path(out_dir) / ("ckpt.dcp" if fsdp else "ckpt.pt")
+
+
 @contextmanager
 def atomic_path(path, durable: bool = False):
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on any
