@@ -448,21 +448,28 @@ def test_torchrun_restarts_a_lost_rank_and_ends_where_an_unbroken_run_does(tmp_p
     script.write_text(HELPER.format(root=str(ROOT), tests=str(TESTS)))
     out = tmp_path / "run"
     plan = {"kill": {"step": 2, "rank": 1}, "argv": [[*common, "--out-dir", str(out)]] * 2}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-           "--monitor-interval", "0.2", str(script), json.dumps(plan)]
     # torchrun's default shared store keeps the failed attempt's keys: without this, 6 of 8 restarts
     # here failed to connect (pytorch/pytorch#135712; README, "Long runs")
     env = subprocess_env(GLOO_SOCKET_IFNAME="lo", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        run_train(tmp_path / "ref", *common[len(TINY):])  # one process, never interrupted, meanwhile
-        output, _ = p.communicate(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    run_train(tmp_path / "ref", *common[len(TINY):])  # one process, never interrupted
+    # Even so, torchrun's restart hung once in ~10 runs of the whole suite (2 cores; the run takes
+    # ~6 s when it works), so a launch that times out is tried once more from scratch. Any other
+    # failure, or two hangs, fails the test.
+    for attempt in range(2):
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+               "--monitor-interval", "0.2", str(script), json.dumps(plan)]
+        p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+        try:
+            output, _ = p.communicate(timeout=120)
+            break
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)   # torchrun and the workers it started
+            output, _ = p.communicate()
+            if attempt == 1:
+                pytest.fail("torchrun hung twice:\n" + output[-4000:])
     assert p.returncode == 0, output[-4000:]
     assert "exitcode: -9" in output and "resumed from" in output, output[-4000:]  # it did die, and come back
     assert "note: torchrun restarts may fail" not in output
