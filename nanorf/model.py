@@ -44,8 +44,8 @@ checkpoints records the names of the parameters that were loaded (`loaded`, save
 dict), and `new_parameters` is everything else. Without a record (trained from scratch), it is
 the generation side, by module.
 
-What the rep tokens are is one small module, `DiscreteRep` here: VQ code ids in, K-way
-logits out, cross-entropy. The paper's ablations (Table 3) plug in from the side, in
+What the rep tokens are is one small module, `DiscreteRep` (rep_tokens.py): VQ code ids in,
+K-way logits out, cross-entropy. The paper's ablations (Table 3) plug in from the side, in
 variants.py, and `variants.build_model` picks the class a config asks for.
 
 Loss normalisation (the paper is silent): L_FM and L_Rep are means over elements and
@@ -70,6 +70,7 @@ from .moe import MoEFFN
 from .mot import MoT, PAD, PIX, REP, UND, attention_mask
 from .patches import patchify, resize_grid_table, sincos_2d
 from .pixel_field import PixelField
+from .rep_tokens import DiscreteRep
 from .tokenizer import make_tokenizer
 from .vit import ViT, Connector
 
@@ -109,65 +110,6 @@ def validate(cfg: ModelConfig):
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
-
-
-def sample_logits(logits: torch.Tensor, top_k: int = 0, temperature: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) -> (B,) ids. temperature 0 means greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
-
-
-class DiscreteRep(nn.Module):
-    """RF's representation tokens: VQ code ids, an identity embedding, a K-way head.
-
-    The interface every rep-target kind has (variants.ContinuousRep is the other):
-      embed(codes)                  (B, n) ids -> (B, n, D) identity embeddings
-      readout(h)                    (B, n, D) hidden states -> what the next token is drawn from
-      loss(out, targets, draws)     L_Rep on the readout at [BOR], r_1..r_{N-1}
-      draw(out, n, w, s, gen)       the next token of n sequences, guided with weight w
-      buffer(rows, n, device)       zeros that hold n tokens per row
-      target_draws(B, generator)    random draws the loss needs for a batch (train.Stream), or None
-    """
-
-    def __init__(self, dim: int, K: int):
-        super().__init__()
-        self.K = K
-        self.emb = nn.Embedding(K, dim)
-        self.head = nn.Linear(dim, K, bias=False)
-
-    def init_weights(self):
-        nn.init.normal_(self.head.weight, std=0.02)
-
-    def embed(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.emb(codes)
-
-    def readout(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(h)                                                        # (.., K) logits
-
-    def loss(self, out: torch.Tensor, targets: torch.Tensor, draws=None) -> torch.Tensor:
-        """Next-token CE: out (B, N, K) logits, targets (B, N) code ids."""
-        return F.cross_entropy(out.reshape(-1, self.K).float(), targets.reshape(-1))
-
-    def draw(self, out: torch.Tensor, n: int, w: float, settings, generator=None) -> torch.Tensor:
-        """out (n, K) logits, or (2n, K) with the prompt-dropped rows second when guided:
-        l = l_u + w (l_c - l_u), then top-k / temperature sampling -> (n,) ids."""
-        logits = out.float()
-        if out.shape[0] > n:
-            logits = logits[n:] + w * (logits[:n] - logits[n:])
-        return sample_logits(logits[:n], settings.top_k, settings.temperature, generator)
-
-    def buffer(self, rows: int, n: int, device) -> torch.Tensor:
-        return torch.zeros(rows, n, dtype=torch.long, device=device)
-
-    def target_draws(self, B: int, generator: torch.Generator):
-        return None  # codes need no noise; the step's generator is left untouched
 
 
 @dataclass

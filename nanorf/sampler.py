@@ -34,7 +34,8 @@ from .checkpoint import atomic_path
 from .config import SamplingSettings
 from .flow import ode_step, renoise_step, resolution_shift, time_grid, velocity
 from .layout import Layout
-from .model import RFModel, sample_logits
+from .model import RFModel
+from .rep_tokens import sample_logits
 from .patches import unpatchify
 from .mot import PIX, REP, UND, KVCache
 

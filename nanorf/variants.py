@@ -136,7 +136,7 @@ class DiffusionHead(nn.Module):
 
 
 class ContinuousRep(nn.Module):
-    """Table 3c's rep-target kind, with DiscreteRep's interface (model.py): features
+    """Table 3c's rep-target kind, with DiscreteRep's interface (rep_tokens.py): features
     (B, n, D_vit) in through a linear layer, and a diffusion head conditioned on the
     hidden state out."""
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import nanorf.model
+import nanorf.rep_tokens
 from nanorf.config import SamplingSettings as S
-from nanorf.model import DiscreteRep, GenOutput, sample_logits
+from nanorf.model import GenOutput
+from nanorf.rep_tokens import DiscreteRep, sample_logits
 from nanorf.patches import unpatchify
 from nanorf.sampler import answer, sample_pixels, sample_rep_tokens, text_to_image
 
@@ -118,13 +119,13 @@ class FakeRepModel:
 def test_rep_cfg_formula(monkeypatch):
     fake = FakeRepModel()
     seen = []
-    real = nanorf.model.sample_logits
+    real = nanorf.rep_tokens.sample_logits
 
     def spy(logits, top_k, temperature, generator):
         seen.append(logits.clone())
         return real(logits, top_k, temperature, generator)
 
-    monkeypatch.setattr(nanorf.model, "sample_logits", spy)
+    monkeypatch.setattr(nanorf.rep_tokens, "sample_logits", spy)
     prompts, w = [[1, 2], [7]], 2.5
     codes = sample_rep_tokens(fake, prompts, S(cfg_rep=w, top_k=0, temperature=0.0))
     assert codes.shape == (2, 3) and len(seen) == 3
