@@ -50,7 +50,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanorf.checkpoint import (CheckpointError, check_model_config, checkpoint_path, load_checkpoint, load_model,
                                load_vit_weights, remove_stale_temps)
-from nanorf.config import PRESETS, Config, apply_overrides, get_config
+from nanorf.config import Config, apply_overrides
+from nanorf.presets import PRESETS, get_config
 from nanorf.data import DataError, ImageCaptionFolder
 from nanorf.dcp import is_sharded, load_sharded, read_meta, save_sharded
 from nanorf.distributed import micro_batch_sizes, setup_distributed

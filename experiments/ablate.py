@@ -74,7 +74,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.sampling = sampling_overrides(args)
     from nanorf.checkpoint import load_checkpoint
-    from nanorf.config import get_config
+    from nanorf.presets import get_config
     steps = args.max_steps or get_config(args.config).train.max_steps
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,8 @@ from contextlib import nullcontext
 
 import torch
 
-from nanorf.config import apply_overrides, get_config
+from nanorf.config import apply_overrides
+from nanorf.presets import get_config
 from nanorf.model import RFModel
 from nanorf.targets import RepresentationTargets
 from nanorf.mot import PIX

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from nanorf.config import apply_overrides, get_config
+from nanorf.config import apply_overrides
+from nanorf.presets import get_config
 from nanorf.data import ImageCaptionFolder, fit_to_budget
 from nanorf.model import GenBatch, UndBatch
 from nanorf.packing import gen_doc, pack, packed_loss, stack, und_doc

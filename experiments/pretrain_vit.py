@@ -37,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanorf.checkpoint import save_vit_weights
-from nanorf.config import PRESETS, ViTConfig, apply_overrides, get_config
+from nanorf.config import ViTConfig, apply_overrides
+from nanorf.presets import PRESETS, get_config
 from nanorf.data import COLORS, SHAPES, ShapesWorld, palette_index
 from nanorf.patches import images_to_tensor
 from nanorf.vit import ViT

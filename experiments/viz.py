@@ -27,7 +27,7 @@ import numpy as np
 
 import torch
 
-from nanorf.config import get_config
+from nanorf.presets import get_config
 from nanorf.model import RFModel
 from nanorf.patches import images_to_tensor, tensor_to_images
 from nanorf.sampler import add_sampling_args, sampling_overrides

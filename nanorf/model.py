@@ -29,7 +29,7 @@ patch x (x-prediction, L_FM). The pixel head is linear, as JiT's final layer is;
 `pix_head_hidden` > 0 it is a two-layer GELU MLP (our choice, for narrow models): a linear head
 from width D draws a patch of p*p*3 values from at most D directions, which is a limit for the
 toy's 128-wide trunk and 768-value patches but not for the paper's trunk, wider than its
-patches. With `pix_head_tanh` its output goes through tanh (TanhLinear; our choice, for the
+patches. With `pix_head_tanh` its output goes through tanh (`predict_x`; our choice, for the
 toy): a bounded x-prediction saturates at the flat colours and the black background, where a
 linear output leaves soft object edges (README, "Results on the toy").
 L = L_LM + L_Rep + L_FM with unit weights; a Qwen3-MoE decoder adds its load-balancing loss,
@@ -73,15 +73,6 @@ from .pixel_field import PixelField
 from .rep_tokens import DiscreteRep
 from .tokenizer import make_tokenizer
 from .vit import ViT, Connector
-
-
-class TanhLinear(nn.Linear):
-    """A Linear layer whose outputs go through tanh: the x-prediction head with
-    `pix_head_tanh`, bounded to the pixels' range (-1, 1) (our choice, for narrow models;
-    JiT's head is linear). A subclass, so the state-dict keys are the plain head's."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(super().forward(x))
 
 
 def validate(cfg: ModelConfig):
@@ -191,8 +182,8 @@ class RFModel(nn.Module):
         self.t_emb = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.register_buffer("pix_pos", sincos_2d(*g.pix, D), persistent=False)
         h = cfg.pix_head_hidden
-        out = TanhLinear if cfg.pix_head_tanh else nn.Linear
-        self.pix_head = nn.Sequential(nn.Linear(D, h), nn.GELU(), out(h, p * p * 3)) if h else out(D, p * p * 3)
+        # the head gives logits; predict_x adds the per-pixel refinement and the tanh, if any
+        self.pix_head = nn.Sequential(nn.Linear(D, h), nn.GELU(), nn.Linear(h, p * p * 3)) if h else nn.Linear(D, p * p * 3)
         self.pix_field = PixelField(D, p, cfg.pix_field) if cfg.pix_field else None
         self.mot = MoT(cfg.mot)
         self._init_weights()
@@ -229,12 +220,11 @@ class RFModel(nn.Module):
 
     def predict_x(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x-prediction for pixel tokens: final hidden states h (.., D) of noisy patches z
-        (.., p*p*3) -> (.., p*p*3). The head alone, or with `pix_field` its logits refined pixel
-        by pixel from z (pixel_field.py) before the head's tanh."""
-        if self.pix_field is None:
-            return self.pix_head(h)
-        body = self.pix_head[:-1](h) if isinstance(self.pix_head, nn.Sequential) else h
-        logits = self.pix_field(h, F.linear(body, self.pix_out.weight, self.pix_out.bias), z)
+        (.., p*p*3) -> (.., p*p*3). The head's logits, refined pixel by pixel from z with
+        `pix_field` (pixel_field.py), then bounded to (-1, 1) with `pix_head_tanh`."""
+        logits = self.pix_head(h)
+        if self.pix_field is not None:
+            logits = self.pix_field(h, logits, z)
         return torch.tanh(logits) if self.cfg.pix_head_tanh else logits
 
     def new_parameters(self) -> list[nn.Parameter]:

@@ -101,7 +101,7 @@ def add_sampling_args(p) -> None:
     """The command-line flags of sample.py and nanorf.eval that override the checkpoint's
     SamplingSettings, one field each; a flag left unset keeps the checkpoint's value."""
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the checkpoint's; the paper's 25, the toy's 100)")
-    p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver")
+    p.add_argument("--solver", choices=("euler", "heun"), default=None, help="ODE solver for the steps before --renoise-from (those after it are stochastic whatever the solver)")
     p.add_argument("--renoise-from", type=float, default=None, metavar="T",
                    help="steps from t >= T re-noise the x-prediction afresh instead of following the ODE "
                         "(1 = never; the toy's 0.7)")

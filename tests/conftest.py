@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanorf.config import apply_overrides, get_config
+from nanorf.config import apply_overrides
+from nanorf.presets import get_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--config", "toy",

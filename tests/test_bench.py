@@ -4,7 +4,8 @@ that runs (the numbers themselves are printed by the benchmark, never asserted).
 import pytest
 
 from experiments.bench import bench_train, train_step_flops, trunk_flops, vit_flops
-from nanorf.config import apply_overrides, get_config
+from nanorf.config import apply_overrides
+from nanorf.presets import get_config
 
 from conftest import TINY_ARGS
 

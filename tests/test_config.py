@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from nanorf.config import Config, PRESETS, apply_overrides, get_config
+from nanorf.config import Config, apply_overrides
+from nanorf.presets import PRESETS, get_config
 from nanorf.model import RFModel
 
 

@@ -69,7 +69,7 @@ def test_cached_diffusion_step_equals_full_forward(tiny_model):
     before = cache.k.clone()
     pos = lay.pos[:, n_pre:n_pre + 1]
     h = step_tokens(m, cache, m.embed_pix(z, t), PIX, pos, cache.mask(m.n_pix, bidir=True, hide_rep=hide), write=False)
-    assert torch.allclose(m.pix_head(h), full, atol=1e-5)
+    assert torch.allclose(m.predict_x(h, z), full, atol=1e-5)
     assert cache.len == n_pre and torch.equal(cache.k, before)  # the step wrote nothing
 
 

@@ -525,7 +525,7 @@ def test_missing_optional_packages_name_the_extra(tmp_path, monkeypatch):
 
 
 def test_preset_shaped_like_qwen3_0p6b():
-    from nanorf.config import get_config
+    from nanorf.presets import get_config
     from nanorf.model import RFModel
     cfg = get_config("qwen3_0p6b").model
     with torch.device("meta"):

@@ -16,7 +16,7 @@ from PIL import Image
 
 import sample
 from nanorf.checkpoint import load_checkpoint
-from nanorf.config import get_config
+from nanorf.presets import get_config
 from nanorf.patches import tensor_to_images, unpatchify
 from nanorf.data import ShapesWorld
 
